@@ -167,9 +167,11 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 def require_upstream_manifest(path: str | os.PathLike | None, what: str,
                               passed_key: Iterable[str] = ("qc", "passed"),
-                              check_roles: Iterable[str] | None = None) -> dict:
+                              check_roles: Iterable[str] | None = None,
+                              expected_data: str | os.PathLike | None = None) -> dict:
     """Refuse (RefusedError, exit 3) unless the manifest exists, passed, and matches its data.
 
+    `expected_data`, when given, must be the file the manifest records as its "data" output.
     `passed_key` is the path of the boolean inside the manifest; `check_roles` limits which
     outputs are re-hashed (default: all of them). Paths in the manifest that are relative are
     taken relative to the manifest's own folder first, then to the working directory.
@@ -191,6 +193,10 @@ def require_upstream_manifest(path: str | os.PathLike | None, what: str,
         detail = f": {'; '.join(reasons)}" if reasons else ""
         raise RefusedError(f"{what}: manifest {path} did not pass its gate ({'.'.join(passed_key)} is {node!r}){detail}")
     outputs = manifest.get("outputs", {})
+    if expected_data is not None:
+        recorded = outputs.get("data", {}).get("path")
+        if recorded is None or not resolve_recorded_path(recorded, path).resolve() == Path(expected_data).resolve():
+            raise RefusedError(f"{what}: manifest {path} vouches for {recorded!r}, not for {expected_data}")
     roles = list(outputs) if check_roles is None else list(check_roles)
     for role in roles:
         entry = outputs.get(role)
