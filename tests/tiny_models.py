@@ -61,3 +61,87 @@ def build_tiny_model(folder: Path, *, bos: bool = True, chat_template: str | Non
         data["_name_or_path"] = name_or_path
         config_path.write_text(json.dumps(data, indent=2))
     return folder
+
+
+_SUBJECTS = ["cats", "dogs", "rivers", "the moon", "bread", "music", "trees", "rain", "books", "the sun", "birds", "apples"]
+_TASKS = ["Name three facts about {s}.", "Describe {s} in one sentence.", "Explain why {s} matter.",
+          "Write a short line about {s}.", "List two things about {s}.", "Give a tip about {s}."]
+_ANSWERS = ["{S} are common and well known.", "{S} can be found in many places.", "People often talk about {s}.",
+            "{S} are simple to describe."]
+
+
+def _pipeline_corpus(rng) -> list[str]:
+    """Documents in the pipeline's own formats, so a tiny model learns to fill them plausibly."""
+    from utils.completion_prompts import CompletionStylePrompts as P
+
+    docs = []
+    for _ in range(300):
+        subject = rng.choice(_SUBJECTS)
+        task = rng.choice(_TASKS).format(s=subject)
+        answer = rng.choice(_ANSWERS).format(s=subject, S=subject[0].upper() + subject[1:])
+        kind = rng.random()
+        if kind < 0.35:
+            items = [rng.choice(_TASKS).format(s=rng.choice(_SUBJECTS)) for _ in range(7)]
+            docs.append("Below is a list of short, varied tasks.\n" + "\n".join(f"{i}. {t}" for i, t in enumerate(items, 1)))
+        elif kind < 0.7:
+            docs.append(P.create_response_prompt(task) + P.format_completion(answer) + "\n" + P.create_response_prompt(task))
+        elif kind < 0.85:
+            docs.append(P.create_instruction_critic_prompt(task)[-300:] + " A")
+        else:
+            docs.append(P.create_pair_critic_prompt(task, answer)[-300:] + " A")
+    return docs
+
+
+def build_trained_tiny_model(folder: Path, *, steps: int = 250, seed: int = 0) -> Path:
+    """A tiny word-piece model trained for a few seconds on pipeline-format documents.
+
+    Random weights emit character noise that every filter rejects; this one writes short,
+    well-formed instructions and answers, so the pilot, scale and training paths can pass QC
+    end to end in tests.
+    """
+    import random
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    docs = _pipeline_corpus(rng)
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    specials = ["<pad>", "</s>", "<s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=list(_CHARS))
+    backend.train_from_iterator(docs, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                        additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=None, eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"], tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    encoded = [tokenizer.encode(doc, add_special_tokens=False) + [vocab["</s>"]] for doc in docs]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        batch = [rng.choice(encoded)[:128] for _ in range(16)]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), vocab["<pad>"])
+        labels = torch.full((len(batch), width), -100)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            labels[row, : len(seq)] = torch.tensor(seq)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+__all__.append("build_trained_tiny_model")

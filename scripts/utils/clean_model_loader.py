@@ -32,6 +32,7 @@ __all__ = [
     "encode_prompt",
     "encode_prompts",
     "encode_continuation",
+    "contains_chat_marker",
     "BUNDLED_MODEL_NAME",
     "find_chat_control_ids",
     "looks_assistant_style",
@@ -71,6 +72,10 @@ def find_chat_control_ids(tokenizer) -> dict[str, int]:
 
 def looks_assistant_style(text: str) -> bool:
     return bool(_ASSISTANT_OPENERS.match(text))
+
+
+def contains_chat_marker(text: str) -> bool:
+    return bool(_CHAT_TEXT_PATTERN.search(text))
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

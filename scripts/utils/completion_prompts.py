@@ -114,20 +114,26 @@ class CompletionStylePrompts:
         return re.sub(r"\s+", " ", first_line).strip()
 
     @classmethod
-    def create_instruction_critic_prompt(cls, instruction: str) -> str:
-        header = ("Each item shows a candidate task for an assistant. Answer A if it is a clear, complete, "
-                  "self-contained instruction or question in English; answer B if it is unclear, broken, "
+    def create_instruction_critic_prompt(cls, instruction: str, swapped: bool = False) -> str:
+        """A/B item; with `swapped` the options trade letters (A = bad), to measure position bias."""
+        good, bad = ("B", "A") if swapped else ("A", "B")
+        options = f"{good}) good task  {bad}) bad task" if not swapped else f"{bad}) bad task  {good}) good task"
+        header = (f"Each item shows a candidate task for an assistant. Answer {good} if it is a clear, complete, "
+                  f"self-contained instruction or question in English; answer {bad} if it is unclear, broken, "
                   "or not a task.\n\n")
-        shots = "".join(f"Task: {text}\nA) good task  B) bad task\nAnswer: {label}\n\n" for text, label in _INSTRUCTION_CRITIC_EXAMPLES)
-        return f"{header}{shots}Task: {instruction.strip()}\nA) good task  B) bad task\nAnswer:"
+        shots = "".join(f"Task: {text}\n{options}\nAnswer: {good if label == 'A' else bad}\n\n"
+                        for text, label in _INSTRUCTION_CRITIC_EXAMPLES)
+        return f"{header}{shots}Task: {instruction.strip()}\n{options}\nAnswer:"
 
     @classmethod
-    def create_pair_critic_prompt(cls, instruction: str, response: str) -> str:
-        header = ("Each item shows a task and a reply. Answer A if the reply correctly and directly does "
-                  "what the task asks; answer B if it does not.\n\n")
-        shots = "".join(f"Task: {task}\nReply: {reply}\nA) fulfils the task  B) does not\nAnswer: {label}\n\n"
+    def create_pair_critic_prompt(cls, instruction: str, response: str, swapped: bool = False) -> str:
+        good, bad = ("B", "A") if swapped else ("A", "B")
+        options = f"{good}) fulfils the task  {bad}) does not" if not swapped else f"{bad}) does not  {good}) fulfils the task"
+        header = (f"Each item shows a task and a reply. Answer {good} if the reply correctly and directly does "
+                  f"what the task asks; answer {bad} if it does not.\n\n")
+        shots = "".join(f"Task: {task}\nReply: {reply}\n{options}\nAnswer: {good if label == 'A' else bad}\n\n"
                         for task, reply, label in _PAIR_CRITIC_EXAMPLES)
-        return f"{header}{shots}Task: {instruction.strip()}\nReply: {response.strip()}\nA) fulfils the task  B) does not\nAnswer:"
+        return f"{header}{shots}Task: {instruction.strip()}\nReply: {response.strip()}\n{options}\nAnswer:"
 
     @staticmethod
     def critic_label_texts() -> tuple[str, str]:

@@ -1,0 +1,144 @@
+"""Batched generation engine: left padding, length-sorted batches, stop strings, finish reasons,
+seeded sampling, a progress bar, and recovery from out-of-memory by halving the batch.
+
+    engine = GenerationEngine(model, tokenizer, batch_size=32, seed=42)
+    results = engine.generate([(key, prompt_text), ...], SamplingParams(...), stop_strings=[...],
+                              on_result=appender_callback)
+
+Each result carries `finish_reason`: "stop" (a stop string ended it; the text is cut before it),
+"eos" (the model's end-of-sequence token), or "length" (max_new_tokens reached).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Sequence
+
+from .clean_model_loader import encode_prompt
+
+__all__ = ["SamplingParams", "GenerationResult", "GenerationEngine", "is_out_of_memory"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    max_new_tokens: int = 80
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    key: str
+    text: str
+    finish_reason: str
+    n_generated_tokens: int
+    token_ids: list[int]
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _batch_seed(seed: int, first_key: str) -> int:
+    # Seeded by content, not by position, so a resumed run samples a batch the same way.
+    return int.from_bytes(hashlib.sha256(f"{seed}:{first_key}".encode()).digest()[:4], "little")
+
+
+class GenerationEngine:
+    def __init__(self, model, tokenizer, batch_size: int = 16, seed: int = 0, show_progress: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = max(1, batch_size)
+        self.seed = seed
+        self.show_progress = show_progress
+        self.oom_events = 0
+
+    def generate(self, items: Iterable[tuple[str, str]], params: SamplingParams,
+                 stop_strings: Sequence[str] = (), on_result: Callable[[GenerationResult], None] | None = None,
+                 description: str = "generating") -> list[GenerationResult]:
+        from tqdm.auto import tqdm
+
+        encoded = [(key, encode_prompt(self.tokenizer, text)) for key, text in items]
+        # Longest first: similar lengths share a batch (little padding), and an out-of-memory
+        # error shows up on the first batch rather than after an hour.
+        encoded.sort(key=lambda item: (-len(item[1]), item[0]))
+        results: list[GenerationResult] = []
+        progress = tqdm(total=len(encoded), desc=description, disable=not self.show_progress, unit="seq")
+        start = 0
+        while start < len(encoded):
+            batch = encoded[start:start + self.batch_size]
+            try:
+                batch_results = self._generate_batch(batch, params, list(stop_strings))
+            except Exception as err:  # noqa: BLE001 - only out-of-memory is recovered
+                if not is_out_of_memory(err) or self.batch_size == 1:
+                    raise
+                self._recover_from_oom(err)
+                continue
+            for result in batch_results:
+                if on_result is not None:
+                    on_result(result)
+                results.append(result)
+            start += len(batch)
+            progress.update(len(batch))
+        progress.close()
+        return results
+
+    def _recover_from_oom(self, err: BaseException) -> None:
+        import torch
+
+        self.oom_events += 1
+        self.batch_size = max(1, self.batch_size // 2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"[generation] out of memory ({type(err).__name__}); batch size halved to {self.batch_size}", flush=True)
+
+    def _generate_batch(self, batch: list[tuple[str, list[int]]], params: SamplingParams,
+                        stop_strings: list[str]) -> list[GenerationResult]:
+        import torch
+
+        pad_id = self.tokenizer.pad_token_id
+        width = max(len(ids) for _, ids in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (_, ids) in enumerate(batch):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        device = self.model.device
+        kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad_id,
+                      eos_token_id=self.tokenizer.eos_token_id, repetition_penalty=params.repetition_penalty)
+        if params.greedy:
+            kwargs.update(do_sample=False)
+        else:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if stop_strings:
+            kwargs.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
+        torch.manual_seed(_batch_seed(self.seed, batch[0][0]))
+        with torch.no_grad():
+            output = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        new_tokens = output[:, width:].tolist()
+        return [self._finish(key, tokens, params, stop_strings) for (key, _), tokens in zip(batch, new_tokens)]
+
+    def _finish(self, key: str, tokens: list[int], params: SamplingParams, stop_strings: list[str]) -> GenerationResult:
+        # A chat-control token ends a sequence like EOS does: it must never reach the data.
+        enders = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} | self.tokenizer.stage1_guard["forbidden_ids"]
+        end = next((i for i, tok in enumerate(tokens) if tok in enders), None)
+        kept = tokens if end is None else tokens[:end]
+        text = self.tokenizer.decode(kept, skip_special_tokens=False)
+        cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
+        if cut >= 0:
+            return GenerationResult(key, text[:cut], "stop", len(kept), kept)
+        if end is not None:
+            return GenerationResult(key, text, "eos", end + 1, kept)
+        reason = "length" if len(tokens) >= params.max_new_tokens else "eos"
+        return GenerationResult(key, text, reason, len(kept), kept)
