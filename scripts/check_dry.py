@@ -13,18 +13,16 @@ How a line is looked at (each rule names its scope):
   code    Python source with comments AND string literals (docstrings included) blanked out, so
           prose that mentions e.g. `apply_chat_template` is fine but code that calls it is not.
   shell   `.sh` lines only (minus `#` comments): for `git ...` commands in bash.
-  string  the text of each string literal, docstrings included (a pattern anchored with \\A is
-          matched against the literal's whole value instead, e.g. a literal that is exactly "git"). Docstrings are strings too, so
-          a docstring that writes the prompt delimiters is flagged like any other literal; only
-          the prompts module may spell them. Kept simple on purpose: quote the delimiter through
-          the prompts module (or describe it without the colon) instead.
+  string  the text of each string literal. Docstrings are strings too, so a docstring that writes
+          a prompt delimiter is flagged like any other literal: only the prompts module may spell
+          them (kept simple on purpose; describe the delimiter without its colon elsewhere). A
+          pattern anchored with \\A is matched against the literal's whole value instead (the
+          literal " A" is flagged, "A" or " Apple" is not).
 `.sh` files (and Python that does not tokenize) are matched line by line, minus `#` comments.
 
 The critic rules are a heuristic: A/B log-prob logic is recognised by any `log_softmax(` call
 and by the label literals " A" / " B"; each is allowed only in the modules listed below.
 """
-
-from __future__ import annotations
 
 import argparse
 import ast
@@ -59,7 +57,7 @@ RULES = [
           U + "sft_training.py": None}),
     Rule("critic-label", "string", [r"\A [AB]\Z"], {U + "completion_prompts.py": None, U + "instruction_critic.py": None}),
     Rule("env-capture", "code",
-         [r"^\s*import\s+git\b", r"^\s*from\s+git\b", r"^\s*import\s+platform\b", r"(?<![.\w])platform\s*\.",
+         [r"^\s*import\s+git\b", r"^\s*from\s+git\b", r"^\s*(?:import|from)\s+platform\b", r"(?<![.\w])platform\s*\.",
           r"\btorch\s*\.\s*version\s*\.\s*cuda\b", r"\bget_device_name\b", r"\bimportlib\s*\.\s*metadata\b",
           r"^\s*from\s+importlib\s+import\s+metadata\b", r"\bimportlib_metadata\b", r"\bpkg_resources\b"],
          {U + "provenance.py": None}),
@@ -101,7 +99,10 @@ def _views(source: str, is_python: bool):
                     start, end = (c0 if row == r0 else 0), (c1 if row == r1 else len(lines[row - 1]))
                     code[row - 1][start:end] = " " * (end - start)
                 if tok.type != tokenize.COMMENT:
-                    strings.append((r0, tok.string, _literal_value(tok.string)))
+                    if tok.type == tokenize.STRING:
+                        strings.append((r0, tok.string, _literal_value(tok.string)))
+                    else:  # a piece of an f-string (Python 3.12+): escapes blanked, no whole value
+                        strings.append((r0, re.sub(r"\\(N\{[^}]*\}|.)", " ", tok.string), None))
             return ["".join(x) for x in code], strings
         except (tokenize.TokenError, SyntaxError):
             pass  # not valid Python: fall back to the line-by-line view below
@@ -136,14 +137,14 @@ def check_file(path: Path, rel: str):
             if allowed and re.search(allowed, lines[row - 1]):
                 continue
             found.append((rel, row, rule.name, lines[row - 1].strip()))
-    return found
+    return sorted(found, key=lambda v: v[1])
 
 
-def _files_under(target: Path) -> list[Path]:
+def _files_under(target: Path):
     return [target] if target.is_file() else [p for ext in ("*.py", "*.sh") for p in target.rglob(ext)]
 
 
-def _collect(root: Path, args) -> list[Path]:
+def _collect(root: Path, args):
     """scripts/ (and tests/ with --include-tests), minus tests folders, plus the extra paths."""
     skip = {".venv", "venv", "__pycache__", ".git"} | (set() if args.include_tests else {"tests"})
     files = [p for folder in ["scripts"] + (["tests"] if args.include_tests else []) if (root / folder).is_dir()
@@ -155,7 +156,8 @@ def _collect(root: Path, args) -> list[Path]:
 
 def main(args) -> int:
     root = args.root.resolve()
-    missing = [str(p) for p in args.paths if not p.exists()]
+    missing = [str(p) for p in args.paths if not p.exists()] + ([] if (root / "scripts").is_dir() or args.paths
+                                                                else [str(root / "scripts")])
     if missing:
         print(f"check_dry: no such path(s): {', '.join(missing)}", file=sys.stderr)
         return 2
@@ -172,7 +174,7 @@ def main(args) -> int:
     if violations:
         print(f"check_dry: FAILED, {len(violations)} violation(s) in {len({v[0] for v in violations})} file(s)", file=sys.stderr)
         return 1
-    print(f"check_dry: OK, {len(files)} file(s) scanned, {len(RULES)} rules, no violations")
+    print(f"check_dry: OK, {len(files)} file(s) scanned, {len({r.name for r in RULES})} rules, no violations")
     return 0
 
 

@@ -59,6 +59,7 @@ PLANTS = {
         ("import git\n", 1, U + "provenance.py"),
         ("from git import Repo\n", 1, U + "provenance.py"),
         ("import sys\nprint(platform.platform())\n", 2, U + "provenance.py"),
+        ("from platform import python_version\n", 1, U + "provenance.py"),
         ("cuda = torch.version.cuda\n", 1, U + "provenance.py"),
         ("name = torch.cuda.get_device_name(0)\n", 1, U + "provenance.py"),
         ("from importlib import metadata\n", 1, U + "provenance.py"),
@@ -140,8 +141,9 @@ def test_extra_path_argument(tmp_path):
     assert f"{planted}:2: chat-template-apply: y = tokenizer.apply_chat_template(m)" in result.stdout
 
 
-def test_missing_extra_path_is_bad_input(tmp_path):
+def test_missing_paths_are_bad_input(tmp_path):
     assert run_check("--root", str(tmp_path), str(tmp_path / "nope.py")).returncode == 2
+    assert run_check("--root", str(tmp_path / "no_repo_here")).returncode == 2  # never a silent "OK, 0 files"
 
 
 def test_shell_scripts_are_scanned(tmp_path):

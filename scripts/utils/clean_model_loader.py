@@ -5,7 +5,7 @@
     loader = CleanModelLoader("model.gguf")          # GGUF file (converted once, cached)
     loader = CleanModelLoader("Qwen/Qwen2.5-32B", load_in_4bit=True)   # hub id, where reachable
     model, tokenizer, provenance = loader.load()
-    ids = encode_prompt(tokenizer, "Instruction: ...")
+    ids = encode_prompt(tokenizer, CompletionStylePrompts.create_response_prompt("Name a color."))
 
 Guards: the chat template is removed; prompts are encoded without the tokenizer's special-token
 logic and the loader alone decides on BOS; no chat-control token can enter a prompt; a model that
@@ -49,7 +49,7 @@ _CHAT_TEXT_PATTERN = re.compile(
     r"<(start|end)_of_turn>|\[/?INST\]|<</?SYS>>")
 _INSTRUCT_NAME_PATTERN = re.compile(r"(instruct|chat|(^|[-_/.\s])it($|[-_/.\s])|sft|dpo|rlhf|orpo|assistant)", re.IGNORECASE)
 _ASSISTANT_OPENERS = re.compile(
-    r"^\s*(sure|certainly|of course|absolutely|here('s| is| are)|i('d| would) be (happy|glad)|"
+    r"^\s*(sure\b|certainly|of course|absolutely|here('s| is| are)|i('d| would) be (happy|glad)|"
     r"as an ai|i'm an ai|hello!? how can i)", re.IGNORECASE)
 
 
@@ -194,11 +194,14 @@ class CleanModelLoader:
                 kwargs["quantization_config"] = BitsAndBytesConfig(
                     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                     bnb_4bit_compute_dtype=dtype)
-                kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+                kwargs["device_map"] = {"": device if device != "cuda" else 0}
             model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
             if not self.load_in_4bit:
                 model.to(device)
             model.eval()
+            if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+                raise BadInputError(f"tokenizer has {len(tokenizer)} tokens but the model embeds only "
+                                    f"{model.get_input_embeddings().num_embeddings}: they do not belong together")
             if getattr(model, "generation_config", None) is not None:
                 self._generation_config_signals(model.generation_config, chat_ids, signals)
             provenance.update({"dtype": str(dtype).replace("torch.", ""), "device": device,
@@ -231,7 +234,7 @@ class CleanModelLoader:
     def _dtype(self, torch, device: str):
         if self.dtype_name:
             return getattr(torch, self.dtype_name)
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
     def _static_instruct_signals(self, tokenizer, location: str, identity: dict) -> list[str]:
         signals = []
@@ -239,7 +242,8 @@ class CleanModelLoader:
             signals.append("the tokenizer carries a chat template")
         names = [str(self.source_name or ""), identity.get("model_id") or "", *_declared_names(location)]
         for name in names:
-            if name and _INSTRUCT_NAME_PATTERN.search(Path(name).name if "/" not in name else name):
+            # Local paths: only the model's own folder name counts, not the folders above it.
+            if name and _INSTRUCT_NAME_PATTERN.search(Path(name).name if Path(name).exists() else name):
                 signals.append(f"its name {name!r} suggests instruction tuning")
                 break
         eos = tokenizer.eos_token or ""

@@ -56,8 +56,10 @@ def build_gemma_bpe_tokenizer(meta: dict):
         add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
     )
     # Control and user-defined pieces must stay whole (and be recognisable as such by the guard).
-    extra = [AddedToken(tokens[i], special=True, normalized=False) for i, kind in enumerate(types)
-             if kind in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED) and i not in special_ids]
+    # Only pieces that own their id: an added token whose text is already taken would get a new
+    # id past the embedding matrix.
+    extra = [AddedToken(pieces[i], special=True, normalized=False) for i, kind in enumerate(types)
+             if kind in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED) and i not in special_ids and vocab[pieces[i]] == i]
     tokenizer.add_special_tokens({"extra_special_tokens": extra})
     return tokenizer
 

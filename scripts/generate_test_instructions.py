@@ -1,0 +1,54 @@
+"""Write the held-out test instructions (five types, with scorer metadata) used by the paired evaluation.
+
+    python scripts/generate_test_instructions.py --count 200 --seed 999 --output data/test_instructions.jsonl
+
+The JSONL is written atomically with sorted keys, so the same --count and --seed give a
+byte-identical file; `<stem>.manifest.json` beside it (written last) records its sha256 and the QC.
+Exit 0 on success, 2 on a bad --count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from utils.exit_codes import EXIT_GATE_FAILED, EXIT_OK, BadInputError, run_cli  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--count", type=int, default=200, help="test instructions to write (at least 5, one per type)")
+    parser.add_argument("--seed", type=int, default=999, help="seed of the private random.Random that picks templates")
+    parser.add_argument("--output", type=Path, default=Path("data/test_instructions.jsonl"), help="output JSONL file")
+    args = parser.parse_args(argv)
+    if args.count < 5:
+        raise BadInputError(f"--count must be at least 5 (one per test type), got {args.count}")
+    return args
+
+
+def main(args: argparse.Namespace) -> int:
+    from utils.jsonl_io import write_jsonl_atomic
+    from utils.provenance import create_session_manifest, write_manifest_atomic
+    from utils.test_set import build_test_set, check_test_set
+
+    records = build_test_set(count=args.count, seed=args.seed)
+    qc = check_test_set(records)
+    write_jsonl_atomic(args.output, records)
+    manifest_path = args.output.with_name(f"{args.output.stem}.manifest.json")
+    manifest = create_session_manifest("test_instructions", args, outputs={"data": args.output}, qc=qc,
+                                       records=len(records), counts_by_type=qc["counts_by_type"])
+    write_manifest_atomic(manifest_path, manifest)
+    for type_name, n in qc["counts_by_type"].items():
+        print(f"  {type_name:<22} {n:>4}")
+    print(f"[test-set] {len(records)} instructions (seed {args.seed}) in {args.output}; manifest {manifest_path}")
+    if not qc["passed"]:
+        print(f"[test-set] QC failed: {'; '.join(qc['failures'])}", file=sys.stderr)
+        return EXIT_GATE_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))

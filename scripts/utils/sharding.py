@@ -1,0 +1,253 @@
+"""Shards of the scale stage: planning, the rank split, completeness, locks, and the merge.
+
+Plan: `--count` is split evenly over `--num-shards` (the remainder goes to the first shards);
+shard i lives in `<output stem>_shards/shard_{i:03d}/`, prefixes its record ids with `s{i:03d}-`
+and uses the seed `base_seed * 1000 + i` (SHARD_SEED_STRIDE = 1000, so at most 1000 shards, and
+two runs whose base seeds differ never share a shard seed).
+
+A shard is complete when its `shard_manifest.json` (written last) exists and the files it vouches
+for (`sft_data.jsonl`, `phase4_judged.jsonl`) still have the recorded sha256.
+
+Rank split (torchrun / accelerate launch set RANK, WORLD_SIZE, LOCAL_RANK): rank r takes shard i
+when i % WORLD_SIZE == r; with explicit shard indices, rank r takes the r-th, (r+W)-th, ... of them.
+
+Merge: shards in index order, records in id order; an instruction that is an exact or near
+duplicate (NearDuplicateIndex, the pilot's threshold) of one already kept is removed (first one
+wins); the result is cut to the requested count. QC is recomputed on every shard's judged pairs
+minus the removed duplicates.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .dedup import NearDuplicateIndex
+from .exit_codes import BadInputError, RefusedError
+from .jsonl_io import read_jsonl
+from .provenance import read_manifest, sha256_file
+from .qc import compute_qc
+from .stage1_generation import PHASE_FILES
+
+__all__ = ["SHARD_SEED_STRIDE", "ShardSpec", "Launch", "shard_seed", "shards_root", "plan_shards", "launch_from_env",
+           "select_shards", "shard_status", "exclusive_lock", "wait_for_shards", "merge_records", "sum_phase_counts",
+           "merge_shards", "merged_manifest_path", "MODEL_IDENTITY_KEYS"]
+
+SHARD_SEED_STRIDE = 1000
+SHARD_MANIFEST = "shard_manifest.json"
+SHARD_DATA = "sft_data.jsonl"
+MODEL_IDENTITY_KEYS = ("source", "model_id", "file_sha256", "weights_fingerprint", "revision", "tokenizer_sha256")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    index: int
+    num_shards: int
+    count: int
+    seed: int
+    folder: Path
+
+    @property
+    def key_prefix(self) -> str:
+        return f"s{self.index:03d}-"
+
+    @property
+    def data_path(self) -> Path:
+        return self.folder / SHARD_DATA
+
+    @property
+    def judged_path(self) -> Path:
+        return self.folder / PHASE_FILES["judged"]
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / SHARD_MANIFEST
+
+    def as_dict(self) -> dict:
+        return {"index": self.index, "num_shards": self.num_shards, "count": self.count, "seed": self.seed,
+                "key_prefix": self.key_prefix, "folder": str(self.folder)}
+
+
+@dataclass(frozen=True)
+class Launch:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launched: bool = False
+
+
+def shard_seed(base_seed: int, index: int) -> int:
+    """The seed of shard `index`: base_seed * 1000 + index."""
+    if not 0 <= index < SHARD_SEED_STRIDE:
+        raise BadInputError(f"shard index {index} outside 0..{SHARD_SEED_STRIDE - 1}")
+    return base_seed * SHARD_SEED_STRIDE + index
+
+
+def shards_root(output: Path) -> Path:
+    output = Path(output)
+    return output.with_name(f"{output.stem}_shards")
+
+
+def merged_manifest_path(output: Path) -> Path:
+    """`<stem>.manifest.json` beside the data, where provenance.find_dataset_manifest looks."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.manifest.json")
+
+
+def plan_shards(count: int, num_shards: int, base_seed: int, output: Path) -> list[ShardSpec]:
+    if count < 1 or num_shards < 1:
+        raise BadInputError("--count and --num-shards must be positive")
+    if num_shards > count:
+        raise BadInputError(f"--num-shards {num_shards} is more than --count {count}: a shard would be empty")
+    if num_shards > SHARD_SEED_STRIDE:
+        raise BadInputError(f"--num-shards is at most {SHARD_SEED_STRIDE} (the shard seed rule needs it)")
+    base, extra = divmod(count, num_shards)
+    root = shards_root(output)
+    return [ShardSpec(i, num_shards, base + (i < extra), shard_seed(base_seed, i), root / f"shard_{i:03d}")
+            for i in range(num_shards)]
+
+
+def launch_from_env(environ=None) -> Launch:
+    """Rank facts set by torchrun / accelerate launch (both set RANK and WORLD_SIZE)."""
+    env = os.environ if environ is None else environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return Launch()
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise BadInputError(f"RANK/WORLD_SIZE/LOCAL_RANK are not integers: {env.get('RANK')!r}/{env.get('WORLD_SIZE')!r}") from None
+    if world < 1 or not 0 <= rank < world:
+        raise BadInputError(f"RANK {rank} is not within WORLD_SIZE {world}")
+    return Launch(rank, world, local, True)
+
+
+def select_shards(num_shards: int, requested: list[int] | None, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The shard indices this process runs (see the module docstring)."""
+    if requested:
+        bad = sorted(i for i in requested if not 0 <= i < num_shards)
+        if bad:
+            raise BadInputError(f"--shard-index {bad} outside 0..{num_shards - 1} (--num-shards {num_shards})")
+        return [i for pos, i in enumerate(sorted(set(requested))) if pos % world_size == rank]
+    return [i for i in range(num_shards) if i % world_size == rank]
+
+
+def shard_status(spec: ShardSpec) -> str:
+    """"complete", "stale" (manifest present, files changed since), "partial" (started) or "absent"."""
+    if not spec.manifest_path.exists():
+        return "partial" if spec.folder.exists() else "absent"
+    try:
+        outputs = read_manifest(spec.manifest_path)["outputs"]
+        paths = {role: spec.folder / Path(entry["path"]).name for role, entry in outputs.items()}
+        ok = all(paths[role].exists() and sha256_file(paths[role]) == outputs[role]["sha256"] for role in ("data", "judged"))
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return "stale"
+    return "complete" if ok else "stale"
+
+
+@contextmanager
+def exclusive_lock(path: Path, wait: bool = True, what: str = ""):
+    """An flock on `path`; with wait=False, RefusedError if another process holds it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise RefusedError(f"{what or path.parent} is being worked on by another process (lock {path})") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def wait_for_shards(specs: list[ShardSpec], poll_seconds: float = 10.0, log=print, timeout: float | None = None) -> bool:
+    """Block until every shard in `specs` is complete; False if `timeout` seconds pass first."""
+    start, last_note = time.time(), 0.0
+    while True:
+        missing = [s.index for s in specs if shard_status(s) != "complete"]
+        if not missing:
+            return True
+        if timeout is not None and time.time() - start > timeout:
+            return False
+        if time.time() - last_note > 300:
+            log(f"[scale] waiting for shard(s) {missing} from the other ranks")
+            last_note = time.time()
+        time.sleep(poll_seconds)
+
+
+def merge_records(shard_records: list[list[dict]], threshold: float, count: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(kept, removed): records walked shard by shard in id order; first one wins.
+
+    Each removed entry is {"id", "shard", "kind": "exact"|"near", "duplicate_of"}.
+    """
+    index = NearDuplicateIndex(threshold)
+    kept, removed = [], []
+    for shard, records in enumerate(shard_records):
+        for record in sorted(records, key=lambda r: r["id"]):
+            kind, match = index.find(record["instruction"])
+            if kind != "new":
+                removed.append({"id": record["id"], "shard": shard, "kind": kind, "duplicate_of": match})
+                continue
+            index.add(record["id"], record["instruction"])
+            kept.append(record)
+    return (kept if count is None else kept[:count]), removed
+
+
+def sum_phase_counts(all_counts: list[dict]) -> dict:
+    """Shard phase counts added up; the instruction-critic acceptance rate recomputed."""
+    total: dict = {}
+    for counts in all_counts:
+        for key, value in counts.items():
+            if isinstance(value, dict):
+                total[key] = dict(Counter(total.get(key, {})) + Counter(value))
+            elif isinstance(value, int) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+    judged = total.get("instruction_critic_judged", 0)
+    total["instruction_critic_acceptance_rate"] = total.get("instruction_critic_accepted", 0) / judged if judged else None
+    return total
+
+
+def merge_shards(specs: list[ShardSpec], count: int, expected_configs: dict[int, dict], threshold: float,
+                 qc_thresholds: dict) -> dict:
+    """Check every shard, merge and dedup, recompute QC. Raises RefusedError for a missing,
+    changed or differently configured shard, or shards made by different models."""
+    states = {s.index: shard_status(s) for s in specs}
+    bad = {i: st for i, st in states.items() if st != "complete"}
+    if bad:
+        raise RefusedError("cannot merge: shard(s) not complete: " + ", ".join(f"{i} ({st})" for i, st in sorted(bad.items())))
+    manifests = [read_manifest(s.manifest_path) for s in specs]
+    identity = None
+    for spec, manifest in zip(specs, manifests):
+        expected = json.loads(json.dumps(expected_configs[spec.index]))
+        if manifest.get("config") != expected:
+            diff = sorted(k for k in set(expected) | set(manifest.get("config") or {}) if (manifest.get("config") or {}).get(k) != expected.get(k))
+            raise RefusedError(f"cannot merge: shard {spec.index} was made with a different configuration (differs in: {', '.join(diff)}); "
+                               "merge with the flags that made the shards")
+        ident = {k: (manifest.get("model_provenance") or {}).get(k) for k in MODEL_IDENTITY_KEYS}
+        if identity is not None and ident != identity:
+            raise RefusedError(f"cannot merge: shard {spec.index} was made by a different model ({ident}) than shard {specs[0].index} ({identity})")
+        identity = ident
+    data = [read_jsonl(s.data_path, ["id", "instruction", "response"]) for s in specs]
+    kept, removed = merge_records(data, threshold)
+    records = kept[:count]
+    removed_ids = {r["id"] for r in removed}
+    judged = [r for s in specs for r in sorted(read_jsonl(s.judged_path), key=lambda r: r["id"]) if r["id"] not in removed_ids]
+    kinds = Counter(r["kind"] for r in removed)
+    for r in removed:
+        r["shard"] = specs[r["shard"]].index
+    phase_counts = sum_phase_counts([m.get("phase_counts") or {} for m in manifests])
+    phase_counts.update(shards=len(specs), cross_shard_exact_duplicates=kinds["exact"], cross_shard_near_duplicates=kinds["near"])
+    qc = compute_qc(judged, qc_thresholds, phase_counts)
+    shards = [{**s.as_dict(), "manifest": str(s.manifest_path), "manifest_sha256": sha256_file(s.manifest_path),
+               "data_sha256": m["outputs"]["data"]["sha256"], "records": m.get("records"), "qc_passed": m["qc"]["passed"],
+               "wall_seconds": m.get("wall_seconds")} for s, m in zip(specs, manifests)]
+    dedup = {"threshold": threshold, "exact_removed": kinds["exact"], "near_removed": kinds["near"], "removed": removed,
+             "records_before": sum(map(len, data)), "records_after_dedup": len(kept), "truncated_to_count": len(kept) - len(records)}
+    return {"records": records, "qc": qc, "dedup": dedup, "shards": shards, "model_provenance": manifests[0].get("model_provenance")}

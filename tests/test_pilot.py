@@ -1,0 +1,306 @@
+"""Pilot stage: generation engine, critic, QC definitions, and the pilot script end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PILOT = [sys.executable, str(ROOT / "scripts" / "generate_stage1_pilot_data.py")]
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory):
+    from tiny_models import build_trained_tiny_model
+
+    return build_trained_tiny_model(tmp_path_factory.mktemp("trained") / "tiny-trained")
+
+
+@pytest.fixture(scope="session")
+def trained(trained_model_dir):
+    from utils.clean_model_loader import CleanModelLoader
+
+    model, tokenizer, _ = CleanModelLoader(str(trained_model_dir), run_sentinels=False).load()
+    return model, tokenizer
+
+
+def _run(args, **kwargs):
+    return subprocess.run(PILOT + [str(a) for a in args] + ["--no-progress"], capture_output=True, text=True, cwd=ROOT, **kwargs)
+
+
+def _lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# -- engine ----------------------------------------------------------------------------------
+def test_engine_stops_and_finish_reasons(trained):
+    from utils.completion_prompts import CompletionStylePrompts as P
+    from utils.generation import GenerationEngine, SamplingParams
+
+    model, tokenizer = trained
+    engine = GenerationEngine(model, tokenizer, batch_size=4, seed=1, show_progress=False)
+    items = [(f"k{i}", P.create_response_prompt(text)) for i, text in enumerate(["Describe cats in one sentence.", "List two things about rain.", "Give a tip about bread."])]
+    stops = P.response_stop_strings()
+    results = engine.generate(items, SamplingParams(0.0, 1.0, 1.0, 40), stops)
+    assert sorted(r.key for r in results) == ["k0", "k1", "k2"]
+    for result in results:
+        assert result.finish_reason in {"stop", "eos", "length"}
+        assert not any(stop in result.text for stop in stops)
+        assert result.n_generated_tokens <= 40
+    assert any(r.finish_reason == "stop" for r in results)  # this model learned to open a new block
+    short = engine.generate(items, SamplingParams(0.0, 1.0, 1.0, 2), [])
+    assert all(r.finish_reason == "length" and r.n_generated_tokens == 2 for r in short)
+
+
+def test_engine_left_pads_and_batched_greedy_equals_single(trained):
+    from utils.completion_prompts import CompletionStylePrompts as P
+    from utils.generation import GenerationEngine, SamplingParams
+
+    model, tokenizer = trained
+    seen = []
+    original = model.generate
+
+    def spy(**kwargs):
+        seen.append(kwargs["input_ids"].clone())
+        return original(**kwargs)
+
+    items = [("a", P.create_response_prompt("Name three facts about the moon.")), ("b", P.create_response_prompt("Give a tip."))]
+    params = SamplingParams(0.0, 1.0, 1.0, 12)
+    model.generate = spy
+    try:
+        batched = {r.key: r.text for r in GenerationEngine(model, tokenizer, batch_size=2, show_progress=False).generate(items, params)}
+    finally:
+        model.generate = original
+    ids = seen[0]
+    assert ids[1, 0].item() == tokenizer.pad_token_id and ids[1, -1].item() != tokenizer.pad_token_id  # left padding
+    single = {r.key: r.text for r in GenerationEngine(model, tokenizer, batch_size=1, show_progress=False).generate(items, params)}
+    assert batched == single
+
+
+def test_engine_sampling_is_seeded(trained):
+    from utils.completion_prompts import CompletionStylePrompts as P
+    from utils.generation import GenerationEngine, SamplingParams
+
+    model, tokenizer = trained
+    items = [(f"k{i}", P.create_response_prompt("Describe rivers in one sentence.")) for i in range(4)]
+    params = SamplingParams(1.0, 0.95, 1.0, 16)
+    run = lambda seed: [r.text for r in GenerationEngine(model, tokenizer, batch_size=4, seed=seed, show_progress=False).generate(items, params)]
+    assert run(3) == run(3)
+
+
+def test_engine_halves_batch_on_oom_without_losing_records(trained):
+    from utils.completion_prompts import CompletionStylePrompts as P
+    from utils.generation import GenerationEngine, SamplingParams
+
+    model, tokenizer = trained
+    original = model.generate
+
+    def flaky(**kwargs):
+        if kwargs["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(**kwargs)
+
+    written = []
+    model.generate = flaky
+    try:
+        engine = GenerationEngine(model, tokenizer, batch_size=8, show_progress=False)
+        results = engine.generate([(f"k{i}", P.create_response_prompt(f"Task {i}")) for i in range(7)],
+                                  SamplingParams(0.0, 1.0, 1.0, 4), on_result=written.append)
+    finally:
+        model.generate = original
+    assert engine.batch_size == 2 and engine.oom_events == 2
+    assert sorted(r.key for r in results) == sorted(r.key for r in written) == [f"k{i}" for i in range(7)]
+
+
+# -- critic ----------------------------------------------------------------------------------
+def test_critic_single_token_contract(trained, monkeypatch):
+    from utils.completion_prompts import CompletionStylePrompts
+    from utils.instruction_critic import InstructionCritic
+
+    model, tokenizer = trained
+    InstructionCritic(model, tokenizer)  # " A" and " B" are one token each here
+    monkeypatch.setattr(CompletionStylePrompts, "critic_label_texts", staticmethod(lambda: (" A vote", " B")))
+    with pytest.raises(AssertionError, match="one token"):
+        InstructionCritic(model, tokenizer)
+
+
+def test_critic_margins_pinned_on_tiny_fixture(tiny_model_dir):
+    """Stored values from the seeded random tiny model: a change in prompt text, label tokens,
+    padding or the position read shows up here."""
+    from utils.clean_model_loader import CleanModelLoader
+    from utils.instruction_critic import InstructionCritic
+
+    model, tokenizer, _ = CleanModelLoader(str(tiny_model_dir), run_sentinels=False).load()
+    critic = InstructionCritic(model, tokenizer, batch_size=2)
+    decisions = critic.critique_instructions_batch(["Name three colors.", "Explain rain briefly, please."])
+    pair = critic.critique_pair("Name two planets.", "Mars and Venus.")
+    got = [value for d in decisions + [pair] for value in (d["logp_a"], d["logp_b"])]
+    expected = [value for row in PINNED_CRITIC_LOGPROBS for value in row]
+    assert got == pytest.approx(expected, abs=2e-3)
+    for d in decisions + [pair]:
+        assert d["margin"] == pytest.approx(d["logp_a"] - d["logp_b"], abs=1e-5)
+        assert d["accepted"] == (d["margin"] >= 1.0)
+    # Batched and one-by-one give the same numbers (left padding reads the right position).
+    alone = critic.critique_instruction("Explain rain briefly, please.")
+    assert alone["logp_a"] == pytest.approx(decisions[1]["logp_a"], abs=1e-4)
+
+
+PINNED_CRITIC_LOGPROBS = [(-4.386786, -4.815157), (-4.381223, -4.823249), (-4.412513, -4.788096)]
+
+
+def test_critic_label_swap_averages_margins(trained):
+    from utils.instruction_critic import InstructionCritic
+
+    model, tokenizer = trained
+    plain = InstructionCritic(model, tokenizer).critique_instruction("Describe cats in one sentence.")
+    swapped = InstructionCritic(model, tokenizer, label_swap=True).critique_instruction("Describe cats in one sentence.")
+    assert swapped["logp_a"] == pytest.approx(plain["logp_a"], abs=1e-5)
+    expected = (plain["margin"] + swapped["swapped_margin"]) / 2
+    assert swapped["margin"] == pytest.approx(expected, abs=1e-5) and swapped["label_swap"] is True
+
+
+def test_critic_never_truncates_the_answer_slot(trained):
+    from utils.clean_model_loader import encode_prompt
+    from utils.completion_prompts import CompletionStylePrompts as P
+    from utils.instruction_critic import InstructionCritic
+
+    model, tokenizer = trained
+    critic = InstructionCritic(model, tokenizer, max_prompt_tokens=40)
+    ids = encode_prompt(tokenizer, P.create_instruction_critic_prompt("Describe cats in one sentence."))
+    fitted = critic._fit(ids)
+    assert len(fitted) == 40 and fitted[-10:] == ids[-10:]
+
+
+# -- QC definitions --------------------------------------------------------------------------
+def _rec(raw, response, reason="stop", n_tokens=10, accepted=True, margin=2.0):
+    return {"raw_response": raw, "response": response, "finish_reason": reason, "n_tokens": n_tokens,
+            "pair_critic": {"accepted": accepted, "margin": margin}}
+
+
+def test_runaway_definition():
+    from utils.qc import is_runaway
+
+    assert is_runaway("the cat sat. the cat sat. the cat sat.")
+    assert not is_runaway("the cat sat. the cat sat. a dog ran.")  # twice is not a loop
+    assert not is_runaway("Paris is the capital of France.")
+
+
+def test_qc_rates_on_hand_made_records():
+    from utils.qc import compute_qc
+
+    records = [
+        _rec("a b c a b c a b c", "a b c", reason="length", n_tokens=30),  # runaway + token limit
+        _rec(" Fine answer.", "Fine answer.", n_tokens=4),
+        _rec(" Another one.", "Another one.", n_tokens=6, accepted=False, margin=-1.0),
+        _rec(" Leaky Response: x", "Leaky Response: x", n_tokens=8),  # accepted but leaks
+    ]
+    qc = compute_qc(records)
+    rates = {k: v["value"] for k, v in qc["rates"].items()}
+    assert rates == {"runaway_rate": 0.25, "token_limit_rate": 0.25, "delimiter_leakage": 1,
+                     "median_response_tokens": 8, "critic_acceptance_rate": 0.75}
+    assert not qc["passed"] and any("delimiter_leakage" in f for f in qc["failures"])
+    clean = compute_qc([_rec(" Good.", "Good.", n_tokens=3) for _ in range(20)])
+    assert clean["passed"] and clean["failures"] == []
+    assert compute_qc([])["passed"] is False
+
+
+def test_prefilters_count_each_reason():
+    from utils.stage1_generation import Stage1Config, prefilter_instruction
+
+    config = Stage1Config()
+    examples = ["Name three primary colors."]
+    assert prefilter_instruction("Name two", "stop", examples, config) == "too_short"
+    assert prefilter_instruction("Describe the sea in detail.", "length", examples, config) == "unfinished"
+    assert prefilter_instruction("!!! ### $$$ %%% ^^^", "stop", examples, config) == "non_text"
+    assert prefilter_instruction("Visit http://spam.example now please", "stop", examples, config) == "non_text"
+    assert prefilter_instruction("name three primary colors.", "stop", examples, config) == "copy_of_example"
+    assert prefilter_instruction("Tell me about <start_of_turn> things", "stop", examples, config) == "chat_marker"
+    assert prefilter_instruction("Describe how a bicycle works.", "stop", examples, config) is None
+
+
+def test_near_duplicate_index():
+    from utils.dedup import NearDuplicateIndex
+
+    index = NearDuplicateIndex(0.7)
+    index.add("a", "Name three primary colors.")
+    assert index.find("name three primary colors!") == ("exact", "a")
+    assert index.find("Name three primary colors please.")[0] == "near"
+    assert index.find("Explain how volcanoes erupt.") == ("new", None)
+
+
+# -- the pilot end to end --------------------------------------------------------------------
+def test_pilot_end_to_end_exit_0_then_4(trained_model_dir, tmp_path):
+    out = tmp_path / "pilot"
+    done = _run(["--model", trained_model_dir, "--count", 6, "--output", out, "--batch-size", 8])
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((out / "session_manifest.json").read_text())
+    assert manifest["qc"]["passed"] is True and manifest["records"] == 6
+    records = _lines(out / "sft_data.jsonl")
+    assert len(records) == 6 and len({r["id"] for r in records}) == 6
+    for record in records:
+        assert {"id", "instruction", "response", "raw_response", "finish_reason", "n_tokens", "instruction_critic",
+                "pair_critic", "generation", "seed", "prompt_versions"} <= set(record)
+        assert record["prompt_versions"]["response"] == "response_v1"
+        assert record["pair_critic"]["accepted"] and "logp_a" in record["pair_critic"]
+    assert manifest["outputs"]["data"]["sha256"] and manifest["git_hash"]
+    strict = _run(["--model", trained_model_dir, "--count", 6, "--output", tmp_path / "strict", "--qc-median-response-tokens-max", 1])
+    assert strict.returncode == 4, strict.stderr[-2000:]
+    failed = json.loads((tmp_path / "strict" / "session_manifest.json").read_text())
+    assert failed["qc"]["passed"] is False and "median_response_tokens" in failed["qc"]["failures"][0]
+
+
+def test_pilot_refuses_a_different_configuration_in_the_same_folder(trained_model_dir, tmp_path):
+    out = tmp_path / "pilot"
+    assert _run(["--model", trained_model_dir, "--count", 4, "--output", out]).returncode == 0
+    again = _run(["--model", trained_model_dir, "--count", 4, "--output", out, "--response-temperature", 0.9])
+    assert again.returncode == 2 and "different configuration" in again.stderr
+
+
+def _assert_complete_without_duplicates(out: Path, count: int):
+    for name in ("phase1_candidates", "phase2_instructions", "phase3_responses", "phase4_judged"):
+        ids = [r["id"] for r in _lines(out / f"{name}.jsonl")]
+        assert len(ids) == len(set(ids)), f"duplicate ids in {name}"
+    responses = {r["id"] for r in _lines(out / "phase3_responses.jsonl")}
+    judged = {r["id"] for r in _lines(out / "phase4_judged.jsonl")}
+    accepted = {r["id"] for r in _lines(out / "phase2_instructions.jsonl") if r["accepted"]}
+    assert responses == judged and responses <= accepted
+    assert len(_lines(out / "sft_data.jsonl")) == count
+
+
+def test_pilot_resumes_after_a_kill_without_duplicates_or_gaps(trained_model_dir, tmp_path):
+    out = tmp_path / "pilot"
+    assert _run(["--model", trained_model_dir, "--count", 6, "--output", out]).returncode == 0
+    # Simulate a crash in phase 4: the last judged lines are lost, one torn half-line is left,
+    # and the final data and manifest were never written.
+    judged = (out / "phase4_judged.jsonl").read_text().splitlines(keepends=True)
+    (out / "phase4_judged.jsonl").write_text("".join(judged[:-3]) + judged[-3][: len(judged[-3]) // 2])
+    (out / "session_manifest.json").unlink()
+    (out / "sft_data.jsonl").unlink()
+    resumed = _run(["--model", trained_model_dir, "--count", 6, "--output", out])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout and "torn last line" in resumed.stderr
+    _assert_complete_without_duplicates(out, 6)
+
+
+def test_pilot_survives_a_real_sigkill(trained_model_dir, tmp_path):
+    out = tmp_path / "pilot"
+    proc = subprocess.Popen(PILOT + ["--model", str(trained_model_dir), "--count", "12", "--output", str(out), "--no-progress",
+                                     "--batch-size", "2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    target = out / "phase3_responses.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if target.exists() and target.stat().st_size > 0:
+            break
+        time.sleep(0.02)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = _run(["--model", trained_model_dir, "--count", 12, "--output", out, "--batch-size", 2])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_complete_without_duplicates(out, 12)
