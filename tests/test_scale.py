@@ -1,0 +1,290 @@
+"""Scale stage: the pilot gate, shard planning and seeds, the rank split, resume/skip, the merge
+(determinism, cross-shard dedup, QC recomputed), overrides, and torchrun with two CPU ranks."""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PILOT = ROOT / "scripts" / "generate_stage1_pilot_data.py"
+SCALE = ROOT / "scripts" / "generate_stage1_scale_data.py"
+OVERRIDE_FLAGS = ["--response-temperature", "0.25", "--qc-median-response-tokens-max", "45"]
+OVERRIDES = {"response_temperature": {"from": 0.3, "to": 0.25}, "qc_median_response_tokens_max": {"from": 40, "to": 45}}
+
+
+def _lines(path):
+    return [json.loads(line) for line in Path(path).read_bytes().split(b"\n") if line.strip()]
+
+
+def _sha(path):
+    from utils.provenance import sha256_file
+
+    return sha256_file(path)
+
+
+@pytest.fixture(scope="session")
+def pilot_manifest(tmp_path_factory):
+    from tiny_models import build_trained_tiny_model
+
+    base = tmp_path_factory.mktemp("scale_pilot")
+    model = build_trained_tiny_model(base / "tiny-trained")
+    env = {**os.environ, "STAGE1_CACHE_DIR": str(base / "cache")}
+    result = subprocess.run([sys.executable, str(PILOT), "--model", str(model), "--count", "6", "--output", str(base / "pilot"),
+                             "--no-progress"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return base / "pilot" / "session_manifest.json"
+
+
+def scale(pilot, output, *flags):
+    """Run the script's main in this process (saves a torch import per run); (exit code, stdout)."""
+    from generate_stage1_scale_data import main, parse_args
+    from utils.exit_codes import Stage1Error
+
+    argv = ["--pilot-manifest", str(pilot), "--output", str(output), "--count", "4", "--num-shards", "2",
+            "--batch-size", "8", "--no-progress", *map(str, flags)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            code = main(parse_args(argv))
+        except Stage1Error as err:
+            print(f"error: {err}")
+            code = err.exit_code
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def scale_run(pilot_manifest, tmp_path_factory):
+    """Shard 0 alone, then a simulated kill of shard 0, then every shard (resume + merge)."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(var, None)
+    output = tmp_path_factory.mktemp("scale") / "data.jsonl"
+    shard0 = output.parent / "data_shards" / "shard_000"
+    first = scale(pilot_manifest, output, "--shard-index", "0", *OVERRIDE_FLAGS)
+    first_manifest = json.loads((shard0 / "shard_manifest.json").read_text())
+    merged_after_first = output.exists()
+    # a kill mid-shard: no manifest, no data, phase 3/4 files cut (one torn line)
+    (shard0 / "shard_manifest.json").unlink()
+    (shard0 / "sft_data.jsonl").unlink()
+    judged = (shard0 / "phase4_judged.jsonl").read_bytes().split(b"\n")
+    (shard0 / "phase4_judged.jsonl").write_bytes(judged[0] + b"\n" + judged[1][:25])
+    responses = (shard0 / "phase3_responses.jsonl").read_bytes().split(b"\n")
+    (shard0 / "phase3_responses.jsonl").write_bytes(b"\n".join(responses[:2]) + b"\n")
+    second = scale(pilot_manifest, output, *OVERRIDE_FLAGS)
+    return {"output": output, "pilot": pilot_manifest, "first": first, "second": second, "first_manifest": first_manifest,
+            "merged_after_first": merged_after_first, "shards": [shard0, output.parent / "data_shards" / "shard_001"]}
+
+
+# -- units --------------------------------------------------------------------------------------
+def test_plan_even_split_and_shard_seed_rule(tmp_path):
+    from utils.exit_codes import BadInputError
+    from utils.sharding import plan_shards, shard_seed
+
+    specs = plan_shards(10, 3, 7, tmp_path / "out" / "set.jsonl")
+    assert [s.count for s in specs] == [4, 3, 3]
+    assert [s.seed for s in specs] == [7000, 7001, 7002] == [shard_seed(7, i) for i in range(3)]
+    assert [s.key_prefix for s in specs] == ["s000-", "s001-", "s002-"]
+    assert specs[2].folder == tmp_path / "out" / "set_shards" / "shard_002"
+    assert sum(s.count for s in plan_shards(15000, 7, 42, tmp_path / "x.jsonl")) == 15000
+    for count, shards in ((2, 3), (0, 1), (5000, 1001)):
+        with pytest.raises(BadInputError):
+            plan_shards(count, shards, 1, tmp_path / "x.jsonl")
+
+
+def test_rank_split():
+    from utils.exit_codes import BadInputError
+    from utils.sharding import launch_from_env, select_shards
+
+    assert launch_from_env({}).launched is False
+    launch = launch_from_env({"RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1"})
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.launched) == (1, 3, 1, True)
+    parts = [select_shards(10, None, rank, 3) for rank in range(3)]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert select_shards(10, None) == list(range(10))
+    assert [select_shards(10, [7, 2, 5], rank, 2) for rank in range(2)] == [[2, 7], [5]]  # explicit indices split by position
+    assert select_shards(10, [3, 3]) == [3]
+    with pytest.raises(BadInputError):
+        select_shards(4, [4])
+    with pytest.raises(BadInputError):
+        launch_from_env({"RANK": "3", "WORLD_SIZE": "2"})
+
+
+def test_merge_records_first_wins_and_truncates():
+    from utils.sharding import merge_records, sum_phase_counts
+
+    shards = [[{"id": "s000-b", "instruction": "Name three facts about the moon."}, {"id": "s000-a", "instruction": "Describe rain in one sentence."}],
+              [{"id": "s001-a", "instruction": "describe RAIN in one sentence"}, {"id": "s001-b", "instruction": "Name three facts about the moon today."},
+               {"id": "s001-c", "instruction": "Give a tip about bread."}]]
+    kept, removed = merge_records(shards, 0.7)
+    assert [r["id"] for r in kept] == ["s000-a", "s000-b", "s001-c"]
+    assert removed == [{"id": "s001-a", "shard": 1, "kind": "exact", "duplicate_of": "s000-a"},
+                       {"id": "s001-b", "shard": 1, "kind": "near", "duplicate_of": "s000-b"}]
+    assert [r["id"] for r in merge_records(shards, 0.7, count=2)[0]] == ["s000-a", "s000-b"]
+    total = sum_phase_counts([{"candidates": 3, "prefilter_and_dedup": {"passed": 2, "too_short": 1}, "instruction_critic_judged": 2,
+                               "instruction_critic_accepted": 1, "instruction_critic_acceptance_rate": 0.5},
+                              {"candidates": 2, "prefilter_and_dedup": {"passed": 2}, "instruction_critic_judged": 2, "instruction_critic_accepted": 2}])
+    assert total == {"candidates": 5, "prefilter_and_dedup": {"passed": 4, "too_short": 1}, "instruction_critic_judged": 4,
+                     "instruction_critic_accepted": 3, "instruction_critic_acceptance_rate": 0.75}
+
+
+# -- the pilot gate -------------------------------------------------------------------------------
+def test_gate_refusals_exit_3(pilot_manifest, tmp_path):
+    result = subprocess.run([sys.executable, str(SCALE), "--pilot-manifest", str(tmp_path / "missing.json"), "--output",
+                             str(tmp_path / "d.jsonl")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 3 and "does not exist" in result.stderr
+    failed = shutil.copytree(pilot_manifest.parent, tmp_path / "failed")
+    manifest = json.loads((failed / "session_manifest.json").read_text())
+    manifest["qc"].update(passed=False, failures=["critic_acceptance_rate = 0.2 (needs >= 0.5)"])
+    (failed / "session_manifest.json").write_text(json.dumps(manifest))
+    code, out = scale(failed / "session_manifest.json", tmp_path / "d.jsonl")
+    assert code == 3 and "did not pass its gate" in out and "critic_acceptance_rate" in out
+    edited = shutil.copytree(pilot_manifest.parent, tmp_path / "edited")
+    manifest = json.loads((edited / "session_manifest.json").read_text())
+    manifest["outputs"]["data"]["path"] = str(edited / "sft_data.jsonl")
+    (edited / "session_manifest.json").write_text(json.dumps(manifest))
+    code, out = scale(edited / "session_manifest.json", tmp_path / "d.jsonl", "--merge")
+    assert code == 3 and "cannot merge: shard(s) not complete: 0 (absent), 1 (absent)" in out  # gate passed; no shards yet
+    with (edited / "sft_data.jsonl").open("a") as handle:
+        handle.write(json.dumps({"id": "x", "instruction": "planted", "response": "planted"}) + "\n")
+    code, out = scale(edited / "session_manifest.json", tmp_path / "d.jsonl")
+    assert code == 3 and "changed since" in out
+    assert not list(tmp_path.glob("d_shards/shard_*"))
+
+
+# -- running, resuming, skipping, merging ----------------------------------------------------------
+def test_partial_run_then_resume_after_kill_end_to_end(scale_run):
+    code, out = scale_run["first"]
+    assert code == 0 and "1 of 2 shards complete" in out and not scale_run["merged_after_first"]
+    assert scale_run["first_manifest"]["shard"]["seed"] == 42000 and scale_run["first_manifest"]["resumed"] is False
+    code, out = scale_run["second"]
+    assert code == 0, out
+    assert "shard 0: resuming" in out and "shard 1: starting" in out and "merged 2 shards" in out
+    for index, folder in enumerate(scale_run["shards"]):
+        manifest = json.loads((folder / "shard_manifest.json").read_text())
+        assert manifest["resumed"] is (index == 0) and manifest["shard"]["seed"] == 42000 + index
+        assert manifest["outputs"]["data"]["sha256"] == _sha(folder / "sft_data.jsonl")
+        judged_ids = [r["id"] for r in _lines(folder / "phase4_judged.jsonl")]
+        assert len(judged_ids) == len(set(judged_ids)) and all(i.startswith(f"s{index:03d}-") for i in judged_ids)
+        records = _lines(folder / "sft_data.jsonl")
+        assert len(records) == 2 and all(r["seed"] == 42000 + index for r in records)
+    merged = _lines(scale_run["output"])
+    assert len(merged) == len({r["id"] for r in merged}) and [r["id"] for r in merged] == sorted(r["id"] for r in merged)
+
+
+def test_complete_shards_are_skipped_without_loading_a_model(scale_run, monkeypatch):
+    from utils.clean_model_loader import CleanModelLoader
+
+    def refuse(self):
+        raise AssertionError("a complete shard must not load the model")
+
+    monkeypatch.setattr(CleanModelLoader, "load", refuse)
+    before = [(f / "shard_manifest.json").read_bytes() for f in scale_run["shards"]]
+    code, out = scale(scale_run["pilot"], scale_run["output"], *OVERRIDE_FLAGS, "--no-merge")
+    assert code == 0 and out.count("complete, skipped") == 2
+    assert [(f / "shard_manifest.json").read_bytes() for f in scale_run["shards"]] == before
+
+
+def test_merge_is_deterministic_and_passes_the_training_gate(scale_run):
+    from utils.provenance import find_dataset_manifest, require_upstream_manifest
+
+    output = scale_run["output"]
+    first = output.read_bytes()
+    for _ in range(2):
+        assert scale(scale_run["pilot"], output, *OVERRIDE_FLAGS, "--merge")[0] == 0
+        assert output.read_bytes() == first
+    manifest_path = find_dataset_manifest(output)
+    assert manifest_path == output.with_name("data.manifest.json")
+    manifest = require_upstream_manifest(manifest_path, "train", expected_data=output)
+    assert manifest["stage"] == "scale" and manifest["records"] == len(_lines(output))
+    assert manifest["inputs"]["pilot_manifest"]["sha256"] == _sha(scale_run["pilot"])
+    assert [s["manifest_sha256"] for s in manifest["shards"]] == [_sha(f / "shard_manifest.json") for f in scale_run["shards"]]
+    assert [s["seed"] for s in manifest["shards"]] == [42000, 42001] and manifest["base_seed"] == 42
+    judged = sum(len(_lines(f / "phase4_judged.jsonl")) for f in scale_run["shards"])
+    assert manifest["qc"]["counts"]["judged"] == judged - len(manifest["dedup"]["removed"])
+
+
+def test_overrides_recorded_everywhere_and_enforced(scale_run):
+    manifests = [json.loads((f / "shard_manifest.json").read_text()) for f in scale_run["shards"]]
+    manifests.append(json.loads(scale_run["output"].with_name("data.manifest.json").read_text()))
+    for manifest in manifests:
+        assert manifest["overrides"] == OVERRIDES
+        assert manifest["config"]["response"]["temperature"] == 0.25 and manifest["config"]["qc_thresholds"]["median_response_tokens_max"] == 45
+        assert manifest["config"]["instruction"]["temperature"] == 0.7  # the rest comes from the pilot
+    assert all(r["generation"]["response"]["temperature"] == 0.25 for r in _lines(scale_run["output"]))
+    code, out = scale(scale_run["pilot"], scale_run["output"], "--merge")  # shards were made with the overrides
+    assert code == 3 and "different configuration" in out
+    code, out = scale(scale_run["pilot"], scale_run["output"], "--no-merge")
+    assert code == 2 and "different configuration" in out
+
+
+def test_cross_shard_duplicates_removed_and_qc_recomputed(scale_run, tmp_path):
+    from utils.jsonl_io import write_jsonl_atomic
+
+    copy = shutil.copytree(scale_run["output"].parent / "data_shards", tmp_path / "data_shards")
+    first = _lines(copy / "shard_000" / "sft_data.jsonl")
+    shard1 = copy / "shard_001"
+    records = _lines(shard1 / "sft_data.jsonl")
+    planted = {records[0]["id"]: first[0]["instruction"], records[1]["id"]: first[1]["instruction"].rstrip(".") + " today."}
+    for name in ("sft_data.jsonl", "phase4_judged.jsonl"):
+        rows = _lines(shard1 / name)
+        write_jsonl_atomic(shard1 / name, [{**r, "instruction": planted.get(r["id"], r["instruction"])} for r in rows])
+    manifest = json.loads((shard1 / "shard_manifest.json").read_text())
+    for role, name in (("data", "sft_data.jsonl"), ("judged", "phase4_judged.jsonl")):
+        manifest["outputs"][role]["sha256"] = _sha(shard1 / name)
+    (shard1 / "shard_manifest.json").write_text(json.dumps(manifest))
+    output = tmp_path / "data.jsonl"
+    code, out = scale(scale_run["pilot"], output, *OVERRIDE_FLAGS, "--merge")
+    assert code in (0, 4), out
+    merged = json.loads(output.with_name("data.manifest.json").read_text())
+    removed = {r["id"]: r for r in merged["dedup"]["removed"]}
+    exact_id, near_id = list(planted)
+    assert removed[exact_id]["kind"] == "exact" and removed[exact_id]["duplicate_of"] == first[0]["id"]
+    assert removed[near_id]["kind"] == "near" and removed[near_id]["shard"] == 1
+    assert merged["dedup"]["exact_removed"] + merged["dedup"]["near_removed"] == len(removed)
+    ids = [r["id"] for r in _lines(output)]
+    assert exact_id not in ids and near_id not in ids and len(ids) == 4 - len(removed)
+    assert "shortfall" in merged["qc"]
+    judged = sum(len(_lines(copy / s / "phase4_judged.jsonl")) for s in ("shard_000", "shard_001"))
+    assert merged["qc"]["counts"]["judged"] == judged - len(removed)
+    assert merged["qc"]["counts"]["cross_shard_exact_duplicates"] == merged["dedup"]["exact_removed"]
+
+
+def test_edited_shard_data_is_rederived(scale_run, tmp_path):
+    copy = shutil.copytree(scale_run["output"].parent / "data_shards", tmp_path / "data_shards")
+    original = (copy / "shard_001" / "sft_data.jsonl").read_bytes()
+    (copy / "shard_001" / "sft_data.jsonl").write_bytes(original + b'{"id": "x", "instruction": "i", "response": "r"}\n')
+    code, out = scale(scale_run["pilot"], tmp_path / "data.jsonl", *OVERRIDE_FLAGS, "--no-merge")
+    assert code == 0 and "shard 1: files changed" in out and "shard 0: complete, skipped" in out
+    assert (copy / "shard_001" / "sft_data.jsonl").read_bytes() == original  # re-derived from the phase files
+
+
+
+def test_merge_refuses_shards_from_different_models(scale_run, tmp_path):
+    copy = shutil.copytree(scale_run["output"].parent / "data_shards", tmp_path / "data_shards")
+    manifest = json.loads((copy / "shard_001" / "shard_manifest.json").read_text())
+    manifest["model_provenance"]["weights_fingerprint"] = "0" * 64
+    (copy / "shard_001" / "shard_manifest.json").write_text(json.dumps(manifest))
+    code, out = scale(scale_run["pilot"], tmp_path / "data.jsonl", *OVERRIDE_FLAGS, "--merge")
+    assert code == 3 and "different model" in out and not (tmp_path / "data.jsonl").exists()
+
+# -- torchrun ---------------------------------------------------------------------------------------
+def test_torchrun_two_cpu_ranks_split_shards_and_merge_once(pilot_manifest, tmp_path):
+    from utils.provenance import require_upstream_manifest
+
+    output = tmp_path / "data.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCALE),
+                             "--pilot-manifest", str(pilot_manifest), "--output", str(output), "--count", "4", "--num-shards", "3",
+                             "--batch-size", "8", "--no-progress"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "data_shards" / f"shard_{i:03d}" / "shard_manifest.json").read_text())["rank"] for i in range(3)]
+    assert [(r["rank"], r["world_size"], r["launched"]) for r in ranks] == [(0, 2, True), (1, 2, True), (0, 2, True)]
+    assert result.stdout.count("[scale] merged 3 shards") == 1 and "rank 1: my shards are done" in result.stdout
+    manifest = require_upstream_manifest(output.with_name("data.manifest.json"), "train", expected_data=output)
+    assert [s["count"] for s in manifest["shards"]] == [2, 1, 1] and manifest["overrides"] == {}
