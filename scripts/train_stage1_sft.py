@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -46,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--seed", type=int, default=42, help="seed for the split, LoRA init and data order")
     add("--quantization", choices=["auto", "4bit", "none"], default="auto",
         help="base weights: 4bit = bitsandbytes NF4 (QLoRA); auto = 4bit where CUDA is present, none on a CPU-only machine")
-    add("--4bit", dest="quantization", action="store_const", const="4bit", help="same as --quantization 4bit")
-    add("--no-4bit", dest="quantization", action="store_const", const="none", help="same as --quantization none")
+    add("--4bit", dest="quantization", action="store_const", const="4bit", default=argparse.SUPPRESS, help="same as --quantization 4bit")
+    add("--no-4bit", dest="quantization", action="store_const", const="none", default=argparse.SUPPRESS, help="same as --quantization none")
     add("--padding-free", action=argparse.BooleanOptionalAction, default=None,
         help="flatten each batch into one row with per-example position_ids (default auto: on with CUDA and "
              "batch > 1 where the attention supports it; else padded batches)")
@@ -131,8 +132,6 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
-        import signal
-
         signal.signal(signal.SIGTERM, previous_handler)
     if guard.stop_requested:
         print(f"[train] stopped by SIGTERM; checkpoint saved at step {guard.stopped_at_step} in {ckpt_dir}; "

@@ -16,13 +16,6 @@ PILOT = [sys.executable, str(ROOT / "scripts" / "generate_stage1_pilot_data.py")
 
 
 @pytest.fixture(scope="session")
-def trained_model_dir(tmp_path_factory):
-    from tiny_models import build_trained_tiny_model
-
-    return build_trained_tiny_model(tmp_path_factory.mktemp("trained") / "tiny-trained")
-
-
-@pytest.fixture(scope="session")
 def trained(trained_model_dir):
     from utils.clean_model_loader import CleanModelLoader
 
@@ -246,7 +239,7 @@ def test_pilot_end_to_end_exit_0_then_4(trained_model_dir, tmp_path):
     for record in records:
         assert {"id", "instruction", "response", "raw_response", "finish_reason", "n_tokens", "instruction_critic",
                 "pair_critic", "generation", "seed", "prompt_versions"} <= set(record)
-        assert record["prompt_versions"]["response"] == "response_v1"
+        assert record["prompt_versions"]["response"] == "response_v2"
         assert record["pair_critic"]["accepted"] and "logp_a" in record["pair_critic"]
     assert manifest["outputs"]["data"]["sha256"] and manifest["git_hash"]
     strict = _run(["--model", trained_model_dir, "--count", 6, "--output", tmp_path / "strict", "--qc-median-response-tokens-max", 1])

@@ -30,11 +30,9 @@ def _sha(path):
 
 
 @pytest.fixture(scope="session")
-def pilot_manifest(tmp_path_factory):
-    from tiny_models import build_trained_tiny_model
-
+def pilot_manifest(tmp_path_factory, trained_model_dir):
     base = tmp_path_factory.mktemp("scale_pilot")
-    model = build_trained_tiny_model(base / "tiny-trained")
+    model = trained_model_dir
     env = {**os.environ, "STAGE1_CACHE_DIR": str(base / "cache")}
     result = subprocess.run([sys.executable, str(PILOT), "--model", str(model), "--count", "6", "--output", str(base / "pilot"),
                              "--no-progress"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)

@@ -58,7 +58,7 @@ def run_main(argv: list[str]) -> int:
 def load_tiny(model_dir):
     from utils.clean_model_loader import CleanModelLoader
 
-    return CleanModelLoader(str(model_dir), run_sentinels=False).load()
+    return CleanModelLoader(str(model_dir), dtype="float32", run_sentinels=False).load()
 
 
 def test_end_to_end_4bit_subprocess_and_adapter_changes_logits(tmp_path, tiny_model_dir):
@@ -76,7 +76,7 @@ def test_end_to_end_4bit_subprocess_and_adapter_changes_logits(tmp_path, tiny_mo
 
     assert marker["dataset_sha256"] == sha256_file(data) == manifest["dataset"]["sha256"]
     assert marker["data_manifest"].endswith("sft.manifest.json") and marker["quantization"] == "4bit"
-    assert marker["model_identity"]["weights_fingerprint"] and marker["git_hash"] is not None or "git_error" in marker
+    assert marker["model_identity"]["weights_fingerprint"] and "git_hash" in marker and marker["global_step"] == 3
     assert manifest["args"]["quantization_resolved"] == "4bit" and manifest["base_model_provenance"]["quantization"] == "bnb-nf4"
     assert [h["step"] for h in manifest["loss_history"]["train"]] == [1, 2, 3]
     assert manifest["final_eval_loss"] is not None and manifest["train_tokens"] > 0 and manifest["world_size"] == 1
@@ -87,7 +87,7 @@ def test_end_to_end_4bit_subprocess_and_adapter_changes_logits(tmp_path, tiny_mo
     from utils.sft_training import load_adapter
 
     model, tokenizer, _ = load_tiny(tiny_model_dir)
-    ids = torch.tensor([encode_prompt(tokenizer, "List three colors.")])
+    ids = torch.tensor([encode_prompt(tokenizer, "List three colors.")], device=model.device)
     with torch.no_grad():
         base_logits = model(ids).logits.clone()
         tuned = load_adapter(model, out / "final_adapter")
@@ -135,6 +135,7 @@ def test_padding_free_keeps_mask_and_matches_padded_loss(tmp_path, tiny_model_di
     for padding_free in (False, True):
         trainer, tokenizer, _ = _trainer(tiny_model_dir, tmp_path / str(padding_free), padding_free=padding_free)
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+        batch = {k: v.to(trainer.model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         trainer.model.eval()
         with torch.no_grad():
             losses[padding_free] = trainer.compute_loss(trainer.model, dict(batch)).item()
@@ -147,7 +148,7 @@ def test_padding_free_keeps_mask_and_matches_padded_loss(tmp_path, tiny_model_di
                 lengths = batch["attention_mask"].sum(dim=1).tolist()
                 logits[False] = torch.cat([trainer.model(input_ids=batch["input_ids"][i:i + 1, :n]).logits[0]
                                            for i, n in enumerate(lengths)])
-    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     assert (logits[True] - logits[False]).abs().max() < 1e-4
     assert (leaky - logits[False]).abs().max() > 1e-2  # the check above would notice cross-example attention
 

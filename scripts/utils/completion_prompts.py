@@ -56,7 +56,7 @@ _PAIR_CRITIC_EXAMPLES = (
 
 PROMPT_VERSIONS = {
     "instruction_generation": "instruction_generation_v1",
-    "response": "response_v1",
+    "response": "response_v2",
     "instruction_critic": "instruction_critic_v1",
     "pair_critic": "pair_critic_v1",
 }
@@ -89,7 +89,9 @@ class CompletionStylePrompts:
     @staticmethod
     def response_stop_strings() -> list[str]:
         """Where a response ends: the start of the next block (constant, so matchers are built once)."""
-        return [f"\n{INSTRUCTION_DELIMITER}", f"\n{RESPONSE_DELIMITER}", "\n\n\n"]
+        # A blank line ends the answer: base models go on after it with unrelated text (a new
+        # paragraph of the "document"), which was most of the token-limit hits in the first pilot.
+        return [f"\n{INSTRUCTION_DELIMITER}", f"\n{RESPONSE_DELIMITER}", "\n\n"]
 
     @staticmethod
     def create_instruction_generation_prompt(rng: random.Random, num_examples: int = 5,
@@ -158,8 +160,8 @@ class CompletionStylePrompts:
             text = text[: match.start()]
             was_cut = True
         stripped = text.strip()
-        if "\n\n\n" in stripped:
-            stripped = stripped.split("\n\n\n")[0].strip()
+        if "\n\n" in stripped:
+            stripped = stripped.split("\n\n")[0].strip()
             was_cut = True
         return CleanedResponse(text=stripped, was_cut=was_cut)
 

@@ -67,9 +67,16 @@ class GenerationEngine:
     def generate(self, items: Iterable[tuple[str, str]], params: SamplingParams,
                  stop_strings: Sequence[str] = (), on_result: Callable[[GenerationResult], None] | None = None,
                  description: str = "generating") -> list[GenerationResult]:
+        encoded = [(key, encode_prompt(self.tokenizer, text)) for key, text in items]
+        return self.generate_encoded(encoded, params, stop_strings, on_result, description)
+
+    def generate_encoded(self, encoded: list[tuple[str, list[int]]], params: SamplingParams,
+                         stop_strings: Sequence[str] = (), on_result: Callable[[GenerationResult], None] | None = None,
+                         description: str = "generating") -> list[GenerationResult]:
+        """Like `generate`, for prompts already encoded by `encode_prompt` (benchmarks use this)."""
         from tqdm.auto import tqdm
 
-        encoded = [(key, encode_prompt(self.tokenizer, text)) for key, text in items]
+        encoded = list(encoded)
         # Longest first: similar lengths share a batch (little padding), and an out-of-memory
         # error shows up on the first batch rather than after an hour.
         encoded.sort(key=lambda item: (-len(item[1]), item[0]))

@@ -73,10 +73,13 @@ class InstructionCritic:
 
     def label_logprobs(self, prompts: list[str]) -> list[tuple[float, float]]:
         """(log P(A), log P(B)) at the answer slot of each prompt, batched by length."""
+        return self._score_encoded([encode_prompt(self.tokenizer, text) for text in prompts])
+
+    def _score_encoded(self, encoded_prompts: list[list[int]]) -> list[tuple[float, float]]:
         import torch
         from tqdm.auto import tqdm
 
-        encoded = [self._fit(encode_prompt(self.tokenizer, text)) for text in prompts]
+        encoded = [self._fit(ids) for ids in encoded_prompts]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         out: list[tuple[float, float] | None] = [None] * len(encoded)
         pad_id = self.tokenizer.pad_token_id

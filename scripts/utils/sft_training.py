@@ -155,9 +155,7 @@ def build_sft_config(output_dir, *, epochs: float, lr: float, batch_size: int, g
         padding_free=padding_free, packing=packing, packing_strategy="bfd",
         # examples are truncated in build_sft_examples; TRL refuses max_length with padding-free unless packing
         max_length=max_seq_length if packing else None,
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
-        dataset_num_proc=None, remove_unused_columns=True,
-    )
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_trainer(model, tokenizer, train_examples: list[dict], val_examples: list[dict], config, lora_config,
@@ -174,11 +172,8 @@ class TrainingGuardCallback(TrainerCallback):
     """Stops on a non-finite loss, records loss history, and turns SIGTERM into save-then-stop."""
 
     def __init__(self):
-        self.train_history: list[dict] = []
-        self.eval_history: list[dict] = []
-        self.stop_requested = False
-        self.stopped_at_step: int | None = None
-        self.num_tokens = 0
+        self.train_history, self.eval_history = [], []  # [{"step", "loss"}], [{"step", "eval_loss"}]
+        self.stop_requested, self.stopped_at_step, self.num_tokens = False, None, 0
         self._nan_at = int(os.environ.get("STAGE1_INJECT_NAN_AT_STEP", "0") or 0)
         self._sigterm_at = int(os.environ.get("STAGE1_TEST_SIGTERM_AT_STEP", "0") or 0)
 
@@ -201,7 +196,7 @@ class TrainingGuardCallback(TrainerCallback):
         if control.should_save and model is not None:  # never write a poisoned checkpoint
             import torch
 
-            if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+            if not torch.stack([torch.isfinite(p).all() for p in model.parameters() if p.requires_grad]).all():
                 raise NonFiniteLossError(f"trainable weights became NaN/inf by step {state.global_step}; stopped before "
                                          "saving that checkpoint (lower --lr, check the data)")
         if state.global_step >= state.max_steps:
@@ -238,18 +233,14 @@ def install_sigterm_handler(guard: TrainingGuardCallback):
 
 def latest_complete_checkpoint(folder) -> Path | None:
     """Newest checkpoint-N whose trainer_state.json (written last by the Trainer) exists and parses."""
-    best = None
-    for path in Path(folder).glob("checkpoint-*"):
-        state = path / "trainer_state.json"
-        if not (path.is_dir() and path.name.split("-")[-1].isdigit() and state.exists()):
-            continue
+    def complete(path: Path) -> bool:
         try:
-            json.loads(state.read_text())
+            return path.name.split("-")[-1].isdigit() and isinstance(json.loads((path / "trainer_state.json").read_text()), dict)
         except (OSError, json.JSONDecodeError):
-            continue
-        if best is None or int(path.name.split("-")[-1]) > int(best.name.split("-")[-1]):
-            best = path
-    return best
+            return False
+
+    found = [path for path in Path(folder).glob("checkpoint-*") if complete(path)]
+    return max(found, key=lambda path: int(path.name.split("-")[-1]), default=None)
 
 
 def plot_loss_curve(train_history: list[dict], eval_history: list[dict], path, title: str = "Stage 1 SFT") -> Path:
@@ -259,13 +250,10 @@ def plot_loss_curve(train_history: list[dict], eval_history: list[dict], path, t
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train_history:
-        ax.plot([h["step"] for h in train_history], [h["loss"] for h in train_history], label="train loss")
-    if eval_history:
-        ax.plot([h["step"] for h in eval_history], [h["eval_loss"] for h in eval_history], "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (response tokens)")
-    ax.set_title(title)
+    for history, key, style in ((train_history, "loss", "-"), (eval_history, "eval_loss", "o-")):
+        if history:
+            ax.plot([h["step"] for h in history], [h[key] for h in history], style, label="train loss" if key == "loss" else "eval loss")
+    ax.set(xlabel="optimizer step", ylabel="loss (response tokens)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

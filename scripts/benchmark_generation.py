@@ -1,0 +1,172 @@
+"""Generation and critic-scoring throughput against the hardware's own limits, measured in one run.
+
+    python scripts/benchmark_generation.py --output results/benchmark_generation.json            # GPU
+    python scripts/benchmark_generation.py --models tiny --batch-sizes 1 4 --new-tokens 8 --prompt-tokens 16   # CPU smoke run
+
+For each model and batch size, with a fixed prompt length and a fixed number of new tokens: tokens/s of
+the project's engine (`GenerationEngine`) and of plain `model.generate` with the same settings, each also
+as a fraction of the weight-bandwidth floor (weight bytes read per decode step / device copy bandwidth,
+measured here); and critic scoring (`InstructionCritic.label_logprobs`) in prompts/s and as a fraction of
+the bf16 matmul peak measured here. Models: `bundled` (gemma-3-270m), `qwen7b` (random-init, Qwen2.5-7B
+shape, bf16), `tiny` (a 2-layer random model, for CPU runs). Prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from utils.exit_codes import run_cli  # noqa: E402
+
+QWEN7B_SHAPE = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                    num_key_value_heads=4, vocab_size=152064, max_position_embeddings=4096, rope_theta=1e6,
+                    tie_word_embeddings=False)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["bundled", "qwen7b"], choices=["bundled", "qwen7b", "tiny"], help="models to measure")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 64, 256], help="batch sizes")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="fixed prompt length")
+    parser.add_argument("--new-tokens", type=int, default=64, help="fixed number of generated tokens")
+    parser.add_argument("--critic-prompts", type=int, default=64, help="prompts per critic scoring batch")
+    parser.add_argument("--critic-tokens", type=int, default=160, help="critic prompt length")
+    parser.add_argument("--output", type=Path, default=Path("results/benchmark_generation.json"), help="JSON output")
+    return parser.parse_args(argv)
+
+
+def _sync(torch):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(torch, fn, repeats: int = 1) -> float:
+    fn()  # warm-up (allocations, kernel selection)
+    _sync(torch)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(torch)
+    return (time.perf_counter() - start) / repeats
+
+
+def measure_hardware(torch, device: str) -> dict:
+    n = (1 << 28) if device == "cuda" else (1 << 24)  # 512 MiB of bf16 on a GPU
+    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    seconds = _timed(torch, lambda: dst.copy_(src), repeats=10)
+    bandwidth = 2 * src.numel() * src.element_size() / seconds  # read + write
+    size = 8192 if device == "cuda" else 512
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    flops = 2 * size ** 3 / _timed(torch, lambda: a @ b, repeats=20)
+    return {"copy_bandwidth_bytes_per_s": bandwidth, "matmul_bf16_flops_per_s": flops}
+
+
+def build_model(name: str, device: str):
+    import torch
+
+    from utils.clean_model_loader import CleanModelLoader
+
+    if name == "bundled":
+        model, tokenizer, _ = CleanModelLoader(dtype="bfloat16" if device == "cuda" else None, run_sentinels=False).load()
+        return model, tokenizer
+    _, tokenizer, _ = CleanModelLoader(tokenizer_only=True).load()
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if name == "qwen7b":
+        config, cls = Qwen2Config(**QWEN7B_SHAPE), Qwen2ForCausalLM
+    else:
+        config, cls = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=1024), LlamaForCausalLM
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = cls(config).to(dtype)  # random weights: throughput does not depend on their values
+    model.eval()
+    return model, tokenizer
+
+
+def bench_model(name: str, args, hw: dict, device: str) -> list[dict]:
+    import torch
+
+    from utils.generation import GenerationEngine, SamplingParams
+    from utils.instruction_critic import InstructionCritic
+
+    model, tokenizer = build_model(name, device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    params_count = sum(p.numel() for p in model.parameters())
+    vocab = model.config.vocab_size
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for batch in args.batch_sizes:
+        prompts = torch.randint(1000, min(vocab, 100000), (batch, args.prompt_tokens), generator=gen)
+        floor = batch * hw["copy_bandwidth_bytes_per_s"] / weight_bytes  # tokens/s if each step reads all weights once
+        # Both paths: greedy, fixed lengths (EOS disabled), same inputs.
+        def plain():
+            model.generate(input_ids=prompts.to(device), attention_mask=torch.ones_like(prompts).to(device), do_sample=False,
+                           max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
+        engine = GenerationEngine(model, tokenizer, batch_size=batch, show_progress=False)
+        engine.tokenizer = _NoEosTokenizer(tokenizer)
+        items = [(f"p{i:04d}", prompts[i].tolist()) for i in range(batch)]
+        params = SamplingParams(0.0, 1.0, 1.0, args.new_tokens)
+        ours = lambda: engine.generate_encoded(items, params)
+        for label, fn in (("plain_generate", plain), ("engine", ours)):
+            seconds = _timed(torch, fn)
+            tps = batch * args.new_tokens / seconds
+            rows.append({"model": name, "path": label, "batch": batch, "tokens_per_s": round(tps, 1),
+                         "fraction_of_bandwidth_floor": round(tps / floor, 4), "floor_tokens_per_s": round(floor, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    critic = InstructionCritic(model, tokenizer, batch_size=args.critic_prompts)
+    critic_prompts = torch.randint(1000, min(vocab, 100000), (args.critic_prompts, args.critic_tokens), generator=gen)
+    seconds = _timed(torch, lambda: critic._score_encoded([row.tolist() for row in critic_prompts]))
+    # Matmul work: every layer for every token; the LM head only at the answer slot (logits_to_keep=1).
+    embed = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    body = params_count - embed - (0 if model.config.tie_word_embeddings else head)
+    flops = 2 * (body * args.critic_tokens + head) * args.critic_prompts / seconds
+    rows.append({"model": name, "path": "critic_scoring", "batch": args.critic_prompts, "prompts_per_s": round(args.critic_prompts / seconds, 1),
+                 "fraction_of_matmul_peak": round(flops / hw["matmul_bf16_flops_per_s"], 4)})
+    print(json.dumps(rows[-1]), flush=True)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+class _NoEosTokenizer:
+    """The engine's tokenizer with EOS switched off, so every sequence runs the fixed length."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.eos_token_id = None
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def main(args) -> int:
+    import torch
+
+    from utils.provenance import capture_environment, get_git_info, write_manifest_atomic
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hw = measure_hardware(torch, device)
+    print(json.dumps(hw), flush=True)
+    rows = [row for name in args.models for row in bench_model(name, args, hw, device)]
+    write_manifest_atomic(args.output, {"hardware": hw, "rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
+                                        "environment": capture_environment(), **get_git_info()})
+    print(f"\n{'model':<9}{'path':<16}{'batch':>6}{'tok/s or prompts/s':>20}{'fraction':>10}  of")
+    for row in rows:
+        rate = row.get("tokens_per_s", row.get("prompts_per_s"))
+        frac = row.get("fraction_of_bandwidth_floor", row.get("fraction_of_matmul_peak"))
+        print(f"{row['model']:<9}{row['path']:<16}{row['batch']:>6}{rate:>20}{frac:>10.3f}  {'matmul peak' if 'prompts_per_s' in row else 'bandwidth floor'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))
