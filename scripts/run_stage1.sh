@@ -9,6 +9,12 @@
 # killed run stopped. Sizes: gpu = the source's (pilot 200, scale 2000, 3 epochs, 200 test
 # instructions); cpu = small counts that finish in about half an hour on 2 cores.
 # Any size can be overridden by environment variable (PILOT_COUNT=..., SCALE_COUNT=..., ...).
+# GEN_ARGS adds flags to the pilot (the scale stage inherits them through the pilot manifest). With
+# the bundled gemma-3-270m it defaults to a calibration for a 270M model, recorded in every manifest:
+# its A/B margins sit within +-0.3 nats, so the source's 1.0-nat threshold (set for a 32B model)
+# accepts nothing; label swap removes its letter bias and a 0 threshold keeps pairs the model prefers;
+# its answers are long, so the token-limit gate is 0.4 and the acceptance gate 0.3. With --model the
+# source's parameters and thresholds apply unchanged. STAGE1_SKIP_INSTALL=1 uses the python on PATH.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 profile=auto model_args=() root=.
@@ -17,11 +23,15 @@ while [ $# -gt 0 ]; do
     --profile) profile=$2; shift 2 ;;
     --model) model_args=(--model "$2"); shift 2 ;;
     --root) root=$2; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-source scripts/setup_env.sh || exit 1
+if [ "${STAGE1_SKIP_INSTALL:-0}" = 1 ]; then export PYTHONUNBUFFERED=1; else source scripts/setup_env.sh || exit 1; fi
+if [ ${#model_args[@]} -eq 0 ]; then
+  : "${GEN_ARGS=--confidence-threshold 0 --label-swap --qc-token-limit-rate-max 0.4 --qc-critic-acceptance-rate-min 0.3}"
+fi
+read -r -a gen_args <<< "${GEN_ARGS:-}"
 if [ "$profile" = auto ]; then
   profile=$(python -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
 fi
@@ -51,10 +61,15 @@ stage() {
 }
 
 stage "test set" python scripts/generate_test_instructions.py --count "$TEST_COUNT" --output "$test_set"
-stage "pilot" python scripts/generate_stage1_pilot_data.py --count "$PILOT_COUNT" --output "$pilot" --batch-size "$BATCH" "${model_args[@]}"
+stage "pilot" python scripts/generate_stage1_pilot_data.py --count "$PILOT_COUNT" --output "$pilot" --batch-size "$BATCH" \
+  "${model_args[@]}" "${gen_args[@]}"
 stage "scale" python scripts/generate_stage1_scale_data.py --pilot-manifest "$pilot/session_manifest.json" \
   --count "$SCALE_COUNT" --num-shards "$SHARDS" --output "$dataset" --batch-size "$BATCH"
-stage "train" python scripts/train_stage1_sft.py --data "$dataset" --output "$checkpoint" --epochs "$EPOCHS" "${model_args[@]}"
+if [ -f "$checkpoint/final_adapter/TRAINING_SUCCESS" ] && [ "$checkpoint/final_adapter/TRAINING_SUCCESS" -nt "${dataset%.jsonl}.manifest.json" ]; then
+  echo "[stage1] === train: $checkpoint/final_adapter/TRAINING_SUCCESS is newer than the dataset; skipped"
+else
+  stage "train" python scripts/train_stage1_sft.py --data "$dataset" --output "$checkpoint" --epochs "$EPOCHS" --resume "${model_args[@]}"
+fi
 stage "evaluate" python scripts/evaluate_stage1_sft.py --sft-checkpoint "$checkpoint/final_adapter" --test-set "$test_set" \
   --output "$results" --batch-size "$BATCH"
 

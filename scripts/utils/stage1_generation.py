@@ -94,7 +94,9 @@ def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path,
                 break
             earlier_candidates = sum(_round_of(r["id"][len(key_prefix):]) < round_index for r in files["candidates"].records)
             yield_so_far = accepted_before / earlier_candidates if earlier_candidates else 0.0
-            factor = config.first_round_oversample if round_index == 0 else 1.25 / max(yield_so_far, 0.05)
+            # A round never asks for more than 12.5x what is missing, so a near-zero yield fails in
+            # bounded time instead of generating thousands of candidates.
+            factor = config.first_round_oversample if round_index == 0 else 1.25 / max(yield_so_far, 0.1)
             n_candidates = max(1, math.ceil(need * factor))
             keys = [f"{key_prefix}r{round_index:02d}-{i:05d}" for i in range(n_candidates)]
             _phase1(engine, files["candidates"], keys, config)
