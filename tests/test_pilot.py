@@ -297,3 +297,21 @@ def test_pilot_survives_a_real_sigkill(trained_model_dir, tmp_path):
     resumed = _run(["--model", trained_model_dir, "--count", 12, "--output", out, "--batch-size", 2])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_complete_without_duplicates(out, 12)
+
+
+def test_pilot_on_the_real_bundled_model(tmp_path):
+    """gemma-3-270m end to end with a tiny count and one round, with the driver's calibration for a
+    270M model (the source's 1.0-nat critic threshold accepts nothing from it). QC may pass or
+    fail on 8 pairs; what must hold is a finished run: exit 0 or 4, data, and a manifest."""
+    out = tmp_path / "pilot"
+    env = {**os.environ, "STAGE1_CACHE_DIR": str(Path.home() / ".cache" / "stage1_bootstrap"), "OMP_NUM_THREADS": "2"}
+    result = subprocess.run(PILOT + ["--count", "8", "--max-rounds", "1", "--output", str(out), "--batch-size", "8", "--no-progress",
+                                     "--confidence-threshold", "0", "--label-swap"],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
+    assert result.returncode in (0, 4), result.stderr[-3000:]
+    manifest = json.loads((out / "session_manifest.json").read_text())
+    assert manifest["model_provenance"]["model_id"] == "gemma-3-270m" and manifest["model_provenance"]["sentinels"]["passed"]
+    assert manifest["qc"]["counts"]["candidates"] == 24 and manifest["qc"]["passed"] == (result.returncode == 0)
+    records = _lines(out / "sft_data.jsonl")
+    assert len(records) <= 8 and all(r["pair_critic"]["accepted"] and r["response"] for r in records)
+    assert manifest["outputs"]["data"]["sha256"]
