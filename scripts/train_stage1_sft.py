@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--padding-free", action=argparse.BooleanOptionalAction, default=None,
         help="flatten each batch into one row with per-example position_ids (default auto: on with CUDA and "
              "batch > 1 where the attention supports it; else padded batches)")
+    add("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
+        help="recompute activations in backward to save memory; auto = on for models of 1B+ parameters")
     add("--packing", action="store_true", help="pack examples into --max-seq-length rows (TRL bfd; loss mask kept; implies padding-free)")
     add("--resume", action="store_true", help="continue from the newest complete checkpoint in <output>/checkpoints")
     add("--save-steps", type=int, default=100, help="checkpoint (and eval) every N optimizer steps")
@@ -108,8 +110,9 @@ def main(args: argparse.Namespace) -> int:
     quantization = args.quantization if args.quantization != "auto" else ("4bit" if torch.cuda.is_available() else "none")
     model, tokenizer, provenance = CleanModelLoader(args.model, load_in_4bit=quantization == "4bit",
                                                     allow_instruct_model=args.allow_instruct_model).load()
+    checkpointing = sft.resolve_gradient_checkpointing(args.gradient_checkpointing, model)
     if quantization == "4bit":
-        model = sft.prepare_quantized_model(model)
+        model = sft.prepare_quantized_model(model, checkpointing)
     train_records, val_records = sft.split_train_val(records, args.val_fraction, args.seed)
     train_examples, train_stats = sft.build_sft_examples(tokenizer, train_records, args.max_seq_length, str(args.data))
     val_examples, val_stats = sft.build_sft_examples(tokenizer, val_records, args.max_seq_length, str(args.data))
@@ -117,13 +120,13 @@ def main(args: argparse.Namespace) -> int:
         raise BadInputError(f"{args.data}: no training example fits --max-seq-length {args.max_seq_length}")
     padding_free, padding_note = sft.resolve_padding_free(args.padding_free, model, args.per_device_batch_size, args.packing)
     print(f"[train] {len(train_examples)} train / {len(val_examples)} validation examples; quantization {quantization}; "
-          f"padding-free {padding_note}", flush=True)
+          f"padding-free {padding_note}; gradient checkpointing {'on' if checkpointing else 'off'}", flush=True)
 
     config = sft.build_sft_config(
         ckpt_dir, epochs=args.epochs, lr=args.lr, batch_size=args.per_device_batch_size, grad_accum=args.grad_accum,
         max_steps=args.max_steps, save_steps=args.save_steps, logging_steps=args.logging_steps, seed=args.seed,
         padding_free=padding_free, packing=args.packing, max_seq_length=args.max_seq_length,
-        has_eval=bool(val_examples), save_total_limit=args.save_total_limit)
+        has_eval=bool(val_examples), save_total_limit=args.save_total_limit, gradient_checkpointing=checkpointing)
     lora_config = sft.make_lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     guard = sft.TrainingGuardCallback()
     trainer = sft.build_trainer(model, tokenizer, train_examples, val_examples, config, lora_config, [guard])

@@ -166,15 +166,22 @@ def test_packing_keeps_the_loss_mask(tmp_path, tiny_model_dir):
     assert trained == expected and int((batch["labels"] == tokenizer.eos_token_id).sum()) == len(records)
 
 
-def test_padding_free_auto_is_on_only_with_cuda(tiny_model_dir):
-    import torch
+def test_padding_free_auto_needs_flash_attention(tiny_model_dir):
     from utils.sft_training import resolve_padding_free
 
     model, _, _ = load_tiny(tiny_model_dir)
-    assert resolve_padding_free(None, model, 8, packing=False)[0] is torch.cuda.is_available()
+    assert resolve_padding_free(None, model, 8, packing=False)[0] is False  # sdpa: padded batches are faster
     assert resolve_padding_free(None, model, 1, packing=False)[0] is False
     assert resolve_padding_free(True, model, 8, packing=False)[0] is True  # sdpa + position_ids: block-diagonal mask
     assert resolve_padding_free(False, model, 8, packing=True)[0] is True
+
+
+def test_gradient_checkpointing_auto_only_for_large_models(tiny_model_dir):
+    from utils.sft_training import resolve_gradient_checkpointing
+
+    model, _, _ = load_tiny(tiny_model_dir)
+    assert resolve_gradient_checkpointing("auto", model) is False  # a few thousand parameters
+    assert resolve_gradient_checkpointing("on", model) is True and resolve_gradient_checkpointing("off", model) is False
 
 
 @pytest.mark.parametrize("case", ["missing", "failed", "modified", "other_file"])

@@ -30,7 +30,7 @@ from .jsonl_io import iter_jsonl
 
 __all__ = [
     "REQUIRED_FIELDS", "NonFiniteLossError", "load_sft_records", "split_train_val", "build_sft_examples",
-    "make_lora_config", "prepare_quantized_model", "resolve_padding_free", "build_sft_config", "build_trainer",
+    "make_lora_config", "prepare_quantized_model", "resolve_gradient_checkpointing", "resolve_padding_free", "build_sft_config", "build_trainer",
     "TrainingGuardCallback", "install_sigterm_handler", "latest_complete_checkpoint", "plot_loss_curve",
     "load_adapter",
 ]
@@ -104,11 +104,22 @@ def make_lora_config(r: int = 16, alpha: int = 16, dropout: float = 0.1, target_
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
 
 
-def prepare_quantized_model(model):
-    """peft's k-bit preparation (fp32 norms, input grads, gradient checkpointing) for a 4-bit base."""
+GRADIENT_CHECKPOINTING_MIN_PARAMS = 1_000_000_000
+
+
+def resolve_gradient_checkpointing(requested: str, model) -> bool:
+    """auto: only for models of 1B+ parameters. A small model fits without it, and recomputing its
+    forward pass adds a third round of kernel launches to steps that are launch-bound already."""
+    if requested != "auto":
+        return requested == "on"
+    return sum(p.numel() for p in model.parameters()) >= GRADIENT_CHECKPOINTING_MIN_PARAMS
+
+
+def prepare_quantized_model(model, gradient_checkpointing: bool = True):
+    """peft's k-bit preparation (fp32 norms, input grads, optional gradient checkpointing) for a 4-bit base."""
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
@@ -118,7 +129,7 @@ def resolve_padding_free(requested: bool | None, model, batch_size: int, packing
     Correct only where attention keeps the examples apart: FlashAttention reads TRL's cu_seq_lens;
     SDPA/eager/flex get a block-diagonal mask that transformers builds from the position_ids (only
     for models whose modeling code uses transformers' masking utilities). None = auto: on with
-    CUDA and batches > 1 (on the CPU, or with batch 1, it saves nothing).
+    CUDA, batches > 1 and flash attention; SDPA's masked path is slower than padding.
     """
     import torch
 
@@ -133,14 +144,17 @@ def resolve_padding_free(requested: bool | None, model, batch_size: int, packing
         return False, f"off: attention {impl!r} of {type(model).__name__} cannot keep flattened examples apart; padded batches"
     if requested:
         return True, f"on (--padding-free, attention {impl})"
-    if torch.cuda.is_available() and batch_size > 1:
+    # Measured on an H100 (docs/measurements.md): with SDPA the flattened row and its block-diagonal
+    # mask ran 2.8x slower than padded batches, so auto uses it only where varlen flash kernels read it.
+    if torch.cuda.is_available() and batch_size > 1 and str(impl).startswith("flash_attention"):
         return True, f"on (auto: CUDA, batch {batch_size}, attention {impl})"
-    return False, "off (auto: padded batches on the CPU or with per-device batch 1)"
+    return False, f"off (auto: padded batches; padding-free pays only with flash attention and batch > 1, here {impl}, batch {batch_size})"
 
 
 def build_sft_config(output_dir, *, epochs: float, lr: float, batch_size: int, grad_accum: int, max_steps: int,
                      save_steps: int, logging_steps: int, seed: int, padding_free: bool, packing: bool,
-                     max_seq_length: int, has_eval: bool, save_total_limit: int | None = None):
+                     max_seq_length: int, has_eval: bool, save_total_limit: int | None = None,
+                     gradient_checkpointing: bool = True):
     import torch
     from trl import SFTConfig
 
@@ -155,7 +169,7 @@ def build_sft_config(output_dir, *, epochs: float, lr: float, batch_size: int, g
         padding_free=padding_free, packing=packing, packing_strategy="bfd",
         # examples are truncated in build_sft_examples; TRL refuses max_length with padding-free unless packing
         max_length=max_seq_length if packing else None,
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+        gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_trainer(model, tokenizer, train_examples: list[dict], val_examples: list[dict], config, lora_config,
