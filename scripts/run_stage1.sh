@@ -8,7 +8,8 @@
 # 4 gate failed, 2 bad input, 1 crash). Every stage resumes, so rerunning continues where a
 # killed run stopped. Sizes: gpu = the source's (pilot 200, scale 2000, 3 epochs, 200 test
 # instructions); cpu = small counts that finish in about half an hour on 2 cores.
-# Any size can be overridden by environment variable (PILOT_COUNT=..., SCALE_COUNT=..., ...).
+# Any size can be overridden by environment variable (PILOT_COUNT=..., SCALE_COUNT=..., ...);
+# TRAIN_ARGS adds flags to the training stage.
 # GEN_ARGS adds flags to the pilot (the scale stage inherits them through the pilot manifest). With
 # the bundled gemma-3-270m it defaults to a calibration for a 270M model, recorded in every manifest:
 # its A/B margins sit within +-0.3 nats, so the source's 1.0-nat threshold (set for a 32B model)
@@ -23,7 +24,7 @@ while [ $# -gt 0 ]; do
     --profile) profile=$2; shift 2 ;;
     --model) model_args=(--model "$2"); shift 2 ;;
     --root) root=$2; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -36,8 +37,10 @@ if [ "$profile" = auto ]; then
   profile=$(python -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
 fi
 case "$profile" in
-  gpu) : "${TEST_COUNT:=200}" "${PILOT_COUNT:=200}" "${SCALE_COUNT:=2000}" "${SHARDS:=4}" "${EPOCHS:=3}" "${BATCH:=64}" ;;
-  cpu) : "${TEST_COUNT:=50}" "${PILOT_COUNT:=24}" "${SCALE_COUNT:=48}" "${SHARDS:=2}" "${EPOCHS:=1}" "${BATCH:=16}" ;;
+  # On a GPU the effective batch stays the source's 8 (8 x 1 instead of 1 x 8): 8.6x faster on gemma-3-270m.
+  gpu) : "${TEST_COUNT:=200}" "${PILOT_COUNT:=200}" "${SCALE_COUNT:=2000}" "${SHARDS:=4}" "${EPOCHS:=3}" "${BATCH:=256}" \
+         "${TRAIN_ARGS=--per-device-batch-size 8 --grad-accum 1}" ;;
+  cpu) : "${TEST_COUNT:=50}" "${PILOT_COUNT:=24}" "${SCALE_COUNT:=48}" "${SHARDS:=2}" "${EPOCHS:=1}" "${BATCH:=16}" "${TRAIN_ARGS=}" ;;
   *) echo "--profile must be gpu, cpu or auto" >&2; exit 2 ;;
 esac
 test_set=$root/data/test_instructions.jsonl
@@ -68,7 +71,9 @@ stage "scale" python scripts/generate_stage1_scale_data.py --pilot-manifest "$pi
 if [ -f "$checkpoint/final_adapter/TRAINING_SUCCESS" ] && [ "$checkpoint/final_adapter/TRAINING_SUCCESS" -nt "${dataset%.jsonl}.manifest.json" ]; then
   echo "[stage1] === train: $checkpoint/final_adapter/TRAINING_SUCCESS is newer than the dataset; skipped"
 else
-  stage "train" python scripts/train_stage1_sft.py --data "$dataset" --output "$checkpoint" --epochs "$EPOCHS" --resume "${model_args[@]}"
+  read -r -a train_args <<< "${TRAIN_ARGS:-}"
+  stage "train" python scripts/train_stage1_sft.py --data "$dataset" --output "$checkpoint" --epochs "$EPOCHS" --resume \
+    "${model_args[@]}" "${train_args[@]}"
 fi
 stage "evaluate" python scripts/evaluate_stage1_sft.py --sft-checkpoint "$checkpoint/final_adapter" --test-set "$test_set" \
   --output "$results" --batch-size "$BATCH"

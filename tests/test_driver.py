@@ -1,0 +1,36 @@
+"""scripts/run_stage1.sh end to end on the tiny trained model: every stage runs, the chain stops at
+the first failed gate with that stage's exit code, and outputs land where it says."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = ["bash", str(ROOT / "scripts" / "run_stage1.sh")]
+
+
+def _env(**extra):
+    # The test's own interpreter stands in for .venv: the suite already runs inside it.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, "STAGE1_SKIP_INSTALL": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_driver_runs_every_stage_and_stops_at_the_failed_gate(trained_model_dir, tmp_path):
+    env = _env(TEST_COUNT="10", PILOT_COUNT="6", SCALE_COUNT="12", SHARDS="2", EPOCHS="1", BATCH="8")
+    result = subprocess.run(DRIVER + ["--profile", "cpu", "--model", str(trained_model_dir), "--root", str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=900)
+    out = result.stdout + result.stderr
+    for stage in ("test set", "pilot", "scale", "train", "evaluate"):
+        assert f"=== {stage}:" in out, out[-3000:]
+    # The tiny model does not improve significantly, so the evaluation gate fails and the chain says so.
+    assert result.returncode == 4 and "stopped at 'evaluate' (exit 4)" in out, out[-3000:]
+    assert (tmp_path / "data" / "stage1_sft_data.manifest.json").exists()
+    assert (tmp_path / "checkpoints" / "stage1_sft" / "final_adapter" / "TRAINING_SUCCESS").exists()
+    assert (tmp_path / "results" / "sft_eval" / "evaluation_results.json").exists()
+
+
+def test_driver_refuses_a_bad_profile(tmp_path):
+    result = subprocess.run(DRIVER + ["--profile", "tpu", "--root", str(tmp_path)], capture_output=True, text=True,
+                            env=_env(), timeout=120)
+    assert result.returncode == 2 and "--profile must be" in result.stderr
