@@ -40,7 +40,7 @@ case "$profile" in
   # On a GPU the effective batch stays the source's 8 (8 x 1 instead of 1 x 8): 8.6x faster on gemma-3-270m.
   gpu) : "${TEST_COUNT:=200}" "${PILOT_COUNT:=200}" "${SCALE_COUNT:=2000}" "${SHARDS:=4}" "${EPOCHS:=3}" "${BATCH:=256}" \
          "${TRAIN_ARGS=--per-device-batch-size 8 --grad-accum 1}" ;;
-  cpu) : "${TEST_COUNT:=50}" "${PILOT_COUNT:=24}" "${SCALE_COUNT:=48}" "${SHARDS:=2}" "${EPOCHS:=1}" "${BATCH:=16}" "${TRAIN_ARGS=}" ;;
+  cpu) : "${TEST_COUNT:=50}" "${PILOT_COUNT:=16}" "${SCALE_COUNT:=32}" "${SHARDS:=2}" "${EPOCHS:=1}" "${BATCH:=16}" "${TRAIN_ARGS=}" ;;
   *) echo "--profile must be gpu, cpu or auto" >&2; exit 2 ;;
 esac
 test_set=$root/data/test_instructions.jsonl
