@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sourced by run_stage1.sh and run_tests.sh: make .venv with requirements.txt unless it is already
 # there and current (a stamp holds the hash of the requirements it was built from).
-set -euo pipefail
+# No `set -e` here: this file is sourced, and errexit would leak into the caller (the driver must
+# report a failed stage itself rather than die silently).
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="${STAGE1_VENV:-$repo_root/.venv}"
 python_bin="${PYTHON:-python3}"

@@ -34,3 +34,13 @@ def test_driver_refuses_a_bad_profile(tmp_path):
     result = subprocess.run(DRIVER + ["--profile", "tpu", "--root", str(tmp_path)], capture_output=True, text=True,
                             env=_env(), timeout=120)
     assert result.returncode == 2 and "--profile must be" in result.stderr
+
+
+def test_driver_reports_a_failed_stage_after_sourcing_the_installer(tmp_path):
+    """Without STAGE1_SKIP_INSTALL the driver sources setup_env.sh; a failing stage must still be
+    reported by name and code (an errexit leaking from the sourced file once ended it silently)."""
+    env = {k: v for k, v in _env(TEST_COUNT="5").items() if k != "STAGE1_SKIP_INSTALL"}
+    result = subprocess.run(DRIVER + ["--profile", "cpu", "--model", str(tmp_path / "missing.gguf"), "--root", str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and "=== pilot finished with exit 2" in out and "stopped at 'pilot' (exit 2)" in out, out[-2000:]
