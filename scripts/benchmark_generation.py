@@ -34,8 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 64, 256], help="batch sizes")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="fixed prompt length")
     parser.add_argument("--new-tokens", type=int, default=64, help="fixed number of generated tokens")
+    parser.add_argument("--sampling-batch-sizes", nargs="+", type=int, default=[64], help="batch sizes also measured with sampling")
     parser.add_argument("--critic-prompts", type=int, default=64, help="prompts per critic scoring batch")
     parser.add_argument("--critic-tokens", type=int, default=160, help="critic prompt length")
+    parser.add_argument("--tiny-model", default=None, help="model folder measured as `tiny` (default: a 2-layer random model)")
     parser.add_argument("--output", type=Path, default=Path("results/benchmark_generation.json"), help="JSON output")
     return parser.parse_args(argv)
 
@@ -68,13 +70,14 @@ def measure_hardware(torch, device: str) -> dict:
     return {"copy_bandwidth_bytes_per_s": bandwidth, "matmul_bf16_flops_per_s": flops}
 
 
-def build_model(name: str, device: str):
+def build_model(name: str, device: str, tiny_model: str | None = None):
     import torch
 
     from utils.clean_model_loader import CleanModelLoader
 
-    if name == "bundled":
-        model, tokenizer, _ = CleanModelLoader(dtype="bfloat16" if device == "cuda" else None, run_sentinels=False).load()
+    if name == "bundled" or (name == "tiny" and tiny_model):
+        model, tokenizer, _ = CleanModelLoader(tiny_model if name == "tiny" else None, dtype="bfloat16" if device == "cuda" else None,
+                                               run_sentinels=False).load()
         return model, tokenizer
     _, tokenizer, _ = CleanModelLoader(tokenizer_only=True).load()
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -94,35 +97,28 @@ def build_model(name: str, device: str):
 def bench_model(name: str, args, hw: dict, device: str) -> list[dict]:
     import torch
 
-    from utils.generation import GenerationEngine, SamplingParams
     from utils.instruction_critic import InstructionCritic
 
-    model, tokenizer = build_model(name, device)
+    model, tokenizer = build_model(name, device, args.tiny_model)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     params_count = sum(p.numel() for p in model.parameters())
     vocab = model.config.vocab_size
+    low = min(1000, vocab // 2)  # random prompt ids above the special tokens
     rows = []
     gen = torch.Generator().manual_seed(0)
     for batch in args.batch_sizes:
-        prompts = torch.randint(1000, min(vocab, 100000), (batch, args.prompt_tokens), generator=gen)
+        prompts = torch.randint(low, min(vocab, 100000), (batch, args.prompt_tokens), generator=gen)
         floor = batch * hw["copy_bandwidth_bytes_per_s"] / weight_bytes  # tokens/s if each step reads all weights once
-        # Both paths: greedy, fixed lengths (EOS disabled), same inputs.
-        def plain():
-            model.generate(input_ids=prompts.to(device), attention_mask=torch.ones_like(prompts).to(device), do_sample=False,
-                           max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
-        engine = GenerationEngine(model, tokenizer, batch_size=batch, show_progress=False)
-        engine.tokenizer = _NoEosTokenizer(tokenizer)
         items = [(f"p{i:04d}", prompts[i].tolist()) for i in range(batch)]
-        params = SamplingParams(0.0, 1.0, 1.0, args.new_tokens)
-        ours = lambda: engine.generate_encoded(items, params)
-        for label, fn in (("plain_generate", plain), ("engine", ours)):
+        sampling_too = batch in args.sampling_batch_sizes
+        for label, fn in _paths(model, tokenizer, prompts, items, args.new_tokens, device, sampling_too):
             seconds = _timed(torch, fn)
             tps = batch * args.new_tokens / seconds
             rows.append({"model": name, "path": label, "batch": batch, "tokens_per_s": round(tps, 1),
                          "fraction_of_bandwidth_floor": round(tps / floor, 4), "floor_tokens_per_s": round(floor, 1)})
             print(json.dumps(rows[-1]), flush=True)
     critic = InstructionCritic(model, tokenizer, batch_size=args.critic_prompts)
-    critic_prompts = torch.randint(1000, min(vocab, 100000), (args.critic_prompts, args.critic_tokens), generator=gen)
+    critic_prompts = torch.randint(low, min(vocab, 100000), (args.critic_prompts, args.critic_tokens), generator=gen)
     seconds = _timed(torch, lambda: critic._score_encoded([row.tolist() for row in critic_prompts]))
     # Matmul work: every layer for every token; the LM head only at the answer slot (logits_to_keep=1).
     embed = model.get_input_embeddings().weight.numel()
@@ -136,6 +132,43 @@ def bench_model(name: str, args, hw: dict, device: str) -> list[dict]:
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def _paths(model, tokenizer, prompts, items, new_tokens: int, device: str, sampling_too: bool):
+    """(label, callable) for every decoding path; all of them produce exactly `new_tokens` per row."""
+    import torch
+
+    from utils.generation import GenerationEngine, SamplingParams
+
+    def plain(**sampling):
+        return lambda: model.generate(input_ids=prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
+                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                                      pad_token_id=0, **sampling)
+
+    def engine(params, **options):
+        engine = GenerationEngine(model, tokenizer, batch_size=len(items), show_progress=False, **options)
+        engine.tokenizer = _NoEosTokenizer(tokenizer)
+        return lambda: engine.generate_encoded(items, params)
+
+    greedy = SamplingParams(0.0, 1.0, 1.0, new_tokens)
+    paths = [("plain_generate", plain(do_sample=False)),
+             ("engine_no_graph", engine(greedy, cuda_graph=False)),  # the static loop alone
+             ("engine", engine(greedy))]
+    if sampling_too:  # the pipeline's sampling settings: penalty, temperature, top-p
+        sampled = SamplingParams(0.7, 0.9, 1.1, new_tokens)
+        paths += [("plain_generate_sampled", plain(do_sample=True, temperature=0.7, top_p=0.9, top_k=0, repetition_penalty=1.1)),
+                  ("engine_sampled", engine(sampled))]
+    return paths
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    """Each engine row against plain `generate` on the same model, batch and decoding mode (same run)."""
+    plain = {(r["model"], r["batch"], r["path"].endswith("_sampled")): r["tokens_per_s"] for r in rows if r["path"].startswith("plain_generate")}
+    for row in rows:
+        if row["path"].startswith("engine"):
+            base = plain.get((row["model"], row["batch"], row["path"].endswith("_sampled")))
+            if base:
+                row["speedup_vs_plain"] = round(row["tokens_per_s"] / base, 3)
 
 
 class _NoEosTokenizer:
@@ -158,13 +191,16 @@ def main(args) -> int:
     hw = measure_hardware(torch, device)
     print(json.dumps(hw), flush=True)
     rows = [row for name in args.models for row in bench_model(name, args, hw, device)]
+    _add_speedups(rows)
     write_manifest_atomic(args.output, {"hardware": hw, "rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
                                         "environment": capture_environment(), **get_git_info()})
-    print(f"\n{'model':<9}{'path':<16}{'batch':>6}{'tok/s or prompts/s':>20}{'fraction':>10}  of")
+    print(f"\n{'model':<9}{'path':<24}{'batch':>6}{'tok/s or prompts/s':>20}{'fraction':>10}{'x plain':>9}  of")
     for row in rows:
         rate = row.get("tokens_per_s", row.get("prompts_per_s"))
         frac = row.get("fraction_of_bandwidth_floor", row.get("fraction_of_matmul_peak"))
-        print(f"{row['model']:<9}{row['path']:<16}{row['batch']:>6}{rate:>20}{frac:>10.3f}  {'matmul peak' if 'prompts_per_s' in row else 'bandwidth floor'}")
+        speedup = f"{row['speedup_vs_plain']:.2f}" if "speedup_vs_plain" in row else ""
+        print(f"{row['model']:<9}{row['path']:<24}{row['batch']:>6}{rate:>20}{frac:>10.3f}{speedup:>9}  "
+              f"{'matmul peak' if 'prompts_per_s' in row else 'bandwidth floor'}")
     return 0
 
 

@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--merge", action="store_true", help="only merge complete shards (no model is loaded)")
     mode.add_argument("--no-merge", action="store_true", help="do not merge after running shards, even when all are complete")
+    parser.add_argument("--exclude-test-set", type=Path, default=None,
+                        help="held-out test JSONL: pairs whose instruction overlaps one of its instructions (exact, near, "
+                             "shared 8-gram; the evaluation's contamination rule) are dropped at the merge")
     parser.add_argument("--allow-instruct-model", action="store_true", help="override the loader's instruct-model refusal (recorded)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_generation_arguments(parser, defaults_from_pilot=True)
@@ -154,23 +157,34 @@ def _merge(args, specs, config, overrides, pilot) -> int:
     start = time.time()
     manifest_path = merged_manifest_path(args.output)
     with exclusive_lock(shards_root(args.output) / ".merge.lock", wait=True):
+        held_out = None
+        if args.exclude_test_set is not None:
+            from utils.dedup import OverlapIndex
+            from utils.evaluation import load_test_records
+
+            held_out = OverlapIndex(load_test_records(args.exclude_test_set))
         merged = merge_shards(specs, args.count, {s.index: _shard_config(config, s).as_dict() for s in specs},
-                              config.near_duplicate_threshold, config.qc_thresholds)
+                              config.near_duplicate_threshold, config.qc_thresholds, held_out=held_out)
         records, qc, dedup = merged["records"], merged["qc"], merged["dedup"]
         if len(records) < args.count:
-            qc["shortfall"] = f"{len(records)} pairs of {args.count} asked ({dedup['exact_removed']} exact and {dedup['near_removed']} near duplicates removed)"
+            qc["shortfall"] = (f"{len(records)} pairs of {args.count} asked ({dedup['exact_removed']} exact and {dedup['near_removed']} "
+                               f"near duplicates, {dedup['held_out_overlaps_removed']} held-out overlaps removed)")
         manifest_path.unlink(missing_ok=True)  # a manifest on disk must vouch for the data beside it
         write_jsonl_atomic(args.output, records)
         pilot_data = resolve_recorded_path(pilot["outputs"]["data"]["path"], args.pilot_manifest)
+        inputs = {"pilot_manifest": args.pilot_manifest, "pilot_data": pilot_data}
+        if args.exclude_test_set is not None:
+            inputs["excluded_test_set"] = args.exclude_test_set
         manifest = create_session_manifest(
-            "scale", args, outputs={"data": args.output}, inputs={"pilot_manifest": args.pilot_manifest, "pilot_data": pilot_data},
+            "scale", args, outputs={"data": args.output}, inputs=inputs,
             qc=qc, config=config.as_dict(), overrides=overrides, model_provenance=merged["model_provenance"],
             shards=merged["shards"], dedup=dedup, base_seed=args.seed, shard_seed_rule="base_seed * 1000 + shard_index",
             records=len(records), requested_count=args.count, wall_seconds=round(time.time() - start, 1))
         write_manifest_atomic(manifest_path, manifest)
     print(format_qc_table(qc))
     print(f"[scale] merged {len(specs)} shards: {len(records)} pairs in {args.output} ({dedup['exact_removed']} exact and "
-          f"{dedup['near_removed']} near duplicates removed across shards); manifest {manifest_path}", flush=True)
+          f"{dedup['near_removed']} near duplicates removed across shards, {dedup['held_out_overlaps_removed']} pairs overlapping "
+          f"the held-out test set); manifest {manifest_path}", flush=True)
     if "shortfall" in qc:
         print(f"[scale] warning: shortfall: {qc['shortfall']}", flush=True)
     return EXIT_OK if qc["passed"] else EXIT_GATE_FAILED

@@ -69,7 +69,7 @@ stage "test set" python scripts/generate_test_instructions.py --count "$TEST_COU
 stage "pilot" python scripts/generate_stage1_pilot_data.py --count "$PILOT_COUNT" --output "$pilot" --batch-size "$BATCH" \
   "${model_args[@]}" "${gen_args[@]}"
 stage "scale" python scripts/generate_stage1_scale_data.py --pilot-manifest "$pilot/session_manifest.json" \
-  --count "$SCALE_COUNT" --num-shards "$SHARDS" --output "$dataset" --batch-size "$BATCH"
+  --count "$SCALE_COUNT" --num-shards "$SHARDS" --output "$dataset" --batch-size "$BATCH" --exclude-test-set "$test_set"
 if [ -f "$checkpoint/final_adapter/TRAINING_SUCCESS" ] && [ "$checkpoint/final_adapter/TRAINING_SUCCESS" -nt "${dataset%.jsonl}.manifest.json" ]; then
   echo "[stage1] === train: $checkpoint/final_adapter/TRAINING_SUCCESS is newer than the dataset; skipped"
 else

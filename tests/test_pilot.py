@@ -67,7 +67,8 @@ def test_engine_left_pads_and_batched_greedy_equals_single(trained):
     params = SamplingParams(0.0, 1.0, 1.0, 12)
     model.generate = spy
     try:
-        batched = {r.key: r.text for r in GenerationEngine(model, tokenizer, batch_size=2, show_progress=False).generate(items, params)}
+        batched = {r.key: r.text for r in GenerationEngine(model, tokenizer, batch_size=2, show_progress=False,
+                                                           decode_loop="generate").generate(items, params)}
     finally:
         model.generate = original
     ids = seen[0]
@@ -87,26 +88,27 @@ def test_engine_sampling_is_seeded(trained):
     assert run(3) == run(3)
 
 
-def test_engine_halves_batch_on_oom_without_losing_records(trained):
+@pytest.mark.parametrize("decode_loop", ["static", "generate"])
+def test_engine_halves_batch_on_oom_without_losing_records(trained, decode_loop):
     from utils.completion_prompts import CompletionStylePrompts as P
     from utils.generation import GenerationEngine, SamplingParams
 
     model, tokenizer = trained
-    original = model.generate
+    original = model.forward
 
-    def flaky(**kwargs):
+    def flaky(*args, **kwargs):
         if kwargs["input_ids"].shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(**kwargs)
+        return original(*args, **kwargs)
 
     written = []
-    model.generate = flaky
+    model.forward = flaky
     try:
-        engine = GenerationEngine(model, tokenizer, batch_size=8, show_progress=False)
+        engine = GenerationEngine(model, tokenizer, batch_size=8, show_progress=False, decode_loop=decode_loop)
         results = engine.generate([(f"k{i}", P.create_response_prompt(f"Task {i}")) for i in range(7)],
                                   SamplingParams(0.0, 1.0, 1.0, 4), on_result=written.append)
     finally:
-        model.generate = original
+        model.forward = original
     assert engine.batch_size == 2 and engine.oom_events == 2
     assert sorted(r.key for r in results) == sorted(r.key for r in written) == [f"k{i}" for i in range(7)]
 

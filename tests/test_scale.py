@@ -253,6 +253,35 @@ def test_cross_shard_duplicates_removed_and_qc_recomputed(scale_run, tmp_path):
     assert merged["qc"]["counts"]["cross_shard_exact_duplicates"] == merged["dedup"]["exact_removed"]
 
 
+def test_merge_drops_pairs_overlapping_the_held_out_test_set(scale_run, tmp_path):
+    from utils.dedup import OverlapIndex
+    from utils.sharding import merge_records
+
+    shards = [[{"id": "s000-a", "instruction": "How many hours are in a day?"},
+               {"id": "s000-b", "instruction": "Write a short poem about the sea at night in winter please."}],
+              [{"id": "s001-a", "instruction": "Give a tip about bread."}]]
+    held_out = OverlapIndex([{"id": "t1", "instruction": "how many hours are in a day"},
+                             {"id": "t2", "instruction": "Please write a short poem about the sea at night in winter."}])
+    kept, removed = merge_records(shards, 0.7, held_out=held_out)
+    assert [r["id"] for r in kept] == ["s001-a"]
+    assert removed == [{"id": "s000-a", "shard": 0, "kind": "held_out_overlap", "test_id": "t1", "match": "exact"},
+                       {"id": "s000-b", "shard": 0, "kind": "held_out_overlap", "test_id": "t2", "match": "near"}]
+
+    # End to end: a test set holding one merged instruction removes exactly that pair, and the manifest says so.
+    output = scale_run["output"]
+    victim = _lines(output)[0]
+    test_set = tmp_path / "test.jsonl"
+    test_set.write_text(json.dumps({"id": "held-1", "instruction": victim["instruction"].upper()}) + "\n")
+    decontaminated = tmp_path / "data.jsonl"
+    shutil.copytree(output.parent / "data_shards", tmp_path / "data_shards")
+    code, out = scale(scale_run["pilot"], decontaminated, *OVERRIDE_FLAGS, "--merge", "--exclude-test-set", test_set)
+    assert code in (0, 4), out
+    manifest = json.loads(decontaminated.with_name("data.manifest.json").read_text())
+    assert manifest["dedup"]["held_out_overlaps_removed"] == 1
+    assert manifest["inputs"]["excluded_test_set"]["sha256"] == _sha(test_set)
+    assert victim["id"] not in {r["id"] for r in _lines(decontaminated)}
+
+
 def test_edited_shard_data_is_rederived(scale_run, tmp_path):
     copy = shutil.copytree(scale_run["output"].parent / "data_shards", tmp_path / "data_shards")
     original = (copy / "shard_001" / "sft_data.jsonl").read_bytes()

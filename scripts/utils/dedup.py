@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["normalize_instruction", "shingles", "jaccard", "NearDuplicateIndex"]
+__all__ = ["normalize_instruction", "shingles", "jaccard", "word_ngrams", "NearDuplicateIndex", "OverlapIndex",
+           "OVERLAP_JACCARD", "OVERLAP_NGRAM"]
+
+OVERLAP_JACCARD = 0.7
+OVERLAP_NGRAM = 8
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -65,3 +69,38 @@ class NearDuplicateIndex:
         if key not in self._shingles:
             self._shingles[key] = items
             self._lsh.insert(key, self._minhash(items))
+
+
+def word_ngrams(text: str, n: int = OVERLAP_NGRAM) -> set[str]:
+    words = normalize_instruction(text).split()
+    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+class OverlapIndex:
+    """The train/test overlap rule over a set of reference instructions: exact after
+    `normalize_instruction`, near (Jaccard of shingles >= threshold, MinHash candidates confirmed
+    exactly), or a shared run of `ngram` normalized words. The relation is symmetric, so the same
+    index serves the evaluation's contamination check and the scale stage's held-out filter."""
+
+    def __init__(self, records: list[dict], threshold: float = OVERLAP_JACCARD, ngram: int = OVERLAP_NGRAM):
+        self.threshold, self.ngram = threshold, ngram
+        self.texts = {row["id"]: row["instruction"] for row in records}
+        self._near, self._exact, self._grams = NearDuplicateIndex(threshold=threshold), {}, {}
+        for row in records:
+            self._near.add(row["id"], row["instruction"])
+            self._exact.setdefault(normalize_instruction(row["instruction"]), row["id"])
+            for gram in word_ngrams(row["instruction"], ngram):
+                self._grams.setdefault(gram, row["id"])
+
+    def matches(self, text: str) -> list[dict]:
+        """The first match of each kind: {"kind", "id", ...}; empty when the text overlaps nothing."""
+        found = []
+        if normalize_instruction(text) in self._exact:
+            found.append({"kind": "exact", "id": self._exact[normalize_instruction(text)]})
+        kind, key = self._near.find(text)
+        if kind == "near":
+            found.append({"kind": "near", "id": key, "jaccard": round(jaccard(shingles(text), shingles(self.texts[key])), 4)})
+        shared = sorted(g for g in word_ngrams(text, self.ngram) if g in self._grams)
+        if shared:
+            found.append({"kind": "ngram", "id": self._grams[shared[0]], "shared_ngram": shared[0], "n_shared_ngrams": len(shared)})
+        return found

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .dedup import NearDuplicateIndex, jaccard, normalize_instruction, shingles
+from .dedup import OVERLAP_JACCARD, OVERLAP_NGRAM, OverlapIndex, word_ngrams
 from .exit_codes import BadInputError
 from .jsonl_io import iter_jsonl
 from .stats import EXACT_DISCORDANT_THRESHOLD, benjamini_hochberg, cohens_h, mcnemar_test, wilson_ci
@@ -36,8 +36,8 @@ __all__ = [
     "plot_success_rates",
 ]
 
-CONTAMINATION_JACCARD = 0.7
-CONTAMINATION_NGRAM = 8
+CONTAMINATION_JACCARD = OVERLAP_JACCARD
+CONTAMINATION_NGRAM = OVERLAP_NGRAM
 CI_ALPHA = 0.05  # the Wilson intervals are 95% whatever the gate alpha
 
 
@@ -76,39 +76,17 @@ def load_training_instructions(path) -> list[dict]:
     return rows
 
 
-def word_ngrams(text: str, n: int = CONTAMINATION_NGRAM) -> set[str]:
-    words = normalize_instruction(text).split()
-    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
 def check_contamination(test_records: list[dict], training_records: list[dict],
                         threshold: float = CONTAMINATION_JACCARD, ngram: int = CONTAMINATION_NGRAM) -> dict:
     """Every test instruction against every training instruction (see the module docstring)."""
-    texts = {row["id"]: row["instruction"] for row in training_records}
-    index, grams = NearDuplicateIndex(threshold=threshold), {}
-    exact: dict[str, str] = {}
-    for row in training_records:
-        index.add(row["id"], row["instruction"])
-        exact.setdefault(normalize_instruction(row["instruction"]), row["id"])
-        for gram in word_ngrams(row["instruction"], ngram):
-            grams.setdefault(gram, row["id"])
+    index = OverlapIndex(training_records, threshold, ngram)
     overlaps = []
     for record in test_records:
-        text, matches = record["instruction"], []
-        if normalize_instruction(text) in exact:
-            matches.append({"kind": "exact", "training_id": exact[normalize_instruction(text)]})
-        kind, key = index.find(text)
-        if kind == "near":
-            matches.append({"kind": "near", "training_id": key,
-                            "jaccard": round(jaccard(shingles(text), shingles(texts[key])), 4)})
-        shared = sorted(g for g in word_ngrams(text, ngram) if g in grams)
-        if shared:
-            matches.append({"kind": "ngram", "training_id": grams[shared[0]], "shared_ngram": shared[0],
-                            "n_shared_ngrams": len(shared)})
+        matches = [{"kind": m.pop("kind"), "training_id": m.pop("id"), **m} for m in index.matches(record["instruction"])]
         for match in matches:
-            match["training_instruction"] = texts[match["training_id"]]
+            match["training_instruction"] = index.texts[match["training_id"]]
         if matches:
-            overlaps.append({"test_id": record["id"], "test_instruction": text, "matches": matches})
+            overlaps.append({"test_id": record["id"], "test_instruction": record["instruction"], "matches": matches})
     kinds = Counter(m["kind"] for o in overlaps for m in o["matches"])
     return {"rule": f"exact after normalize_instruction, or Jaccard(shingles) >= {threshold}, or a shared "
                     f"{ngram}-gram of normalized words", "jaccard_threshold": threshold, "ngram": ngram,

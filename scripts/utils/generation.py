@@ -1,6 +1,11 @@
 """Batched generation engine: left padding, length-sorted batches, stop strings, finish reasons,
 seeded sampling, a progress bar, and recovery from out-of-memory by halving the batch.
 
+Decoding runs through `static_decode.StaticDecoder` (static cache, one CUDA graph per step on a
+GPU) wherever `supports_static_decode` holds, and through `model.generate` otherwise or with
+`decode_loop="generate"`; both give the same greedy tokens and the same sampling distribution.
+A stop string is matched in the generated text only, never across the prompt's end.
+
     engine = GenerationEngine(model, tokenizer, batch_size=32, seed=42)
     results = engine.generate([(key, prompt_text), ...], SamplingParams(...), stop_strings=[...],
                               on_result=appender_callback)
@@ -16,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Sequence
 
 from .clean_model_loader import encode_prompt
+from .static_decode import StaticDecoder, supports_static_decode
 
 __all__ = ["SamplingParams", "GenerationResult", "GenerationEngine", "is_out_of_memory"]
 
@@ -56,7 +62,12 @@ def _batch_seed(seed: int, first_key: str) -> int:
 
 
 class GenerationEngine:
-    def __init__(self, model, tokenizer, batch_size: int = 16, seed: int = 0, show_progress: bool = True):
+    def __init__(self, model, tokenizer, batch_size: int = 16, seed: int = 0, show_progress: bool = True,
+                 decode_loop: str = "auto", cuda_graph: bool = True):
+        if decode_loop not in ("auto", "static", "generate"):
+            raise ValueError(f"decode_loop must be auto, static or generate, not {decode_loop!r}")
+        self.decode_loop = decode_loop
+        self.cuda_graph = cuda_graph
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = max(1, batch_size)
@@ -122,6 +133,10 @@ class GenerationEngine:
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention[row, width - len(ids):] = 1
         device = self.model.device
+        torch.manual_seed(_batch_seed(self.seed, batch[0][0]))
+        if self._use_static_loop(width + params.max_new_tokens):
+            new_tokens = self._static_decode(input_ids.to(device), attention.to(device), params, stop_strings).tolist()
+            return [self._finish(key, tokens, params, stop_strings) for (key, _), tokens in zip(batch, new_tokens)]
         kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad_id,
                       eos_token_id=self.tokenizer.eos_token_id, repetition_penalty=params.repetition_penalty)
         if params.greedy:
@@ -130,20 +145,62 @@ class GenerationEngine:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
         if stop_strings:
             kwargs.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
-        torch.manual_seed(_batch_seed(self.seed, batch[0][0]))
         with torch.no_grad():
             output = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
         new_tokens = output[:, width:].tolist()
         return [self._finish(key, tokens, params, stop_strings) for (key, _), tokens in zip(batch, new_tokens)]
 
-    def _finish(self, key: str, tokens: list[int], params: SamplingParams, stop_strings: list[str]) -> GenerationResult:
+    def _use_static_loop(self, total_length: int) -> bool:
+        if self.decode_loop == "generate":
+            return False
+        supported = supports_static_decode(self.model, total_length)
+        if self.decode_loop == "static" and not supported:
+            raise ValueError("decode_loop='static' but this model/length is not supported by the static loop")
+        return supported
+
+    def _enders(self) -> set[int]:
         # A chat-control token ends a sequence like EOS does: it must never reach the data.
         enders = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} | self.tokenizer.stage1_guard["forbidden_ids"]
-        end = next((i for i, tok in enumerate(tokens) if tok in enders), None)
+        return {tok for tok in enders if tok is not None}
+
+    def _static_decode(self, input_ids, attention, params: SamplingParams, stop_strings: list[str]):
+        enders = self._enders()
+        window = 8
+
+        def stopped_rows(tokens: list[list[int]], rows: list[int]) -> set[int]:
+            # Only the newest tokens can complete a stop string since the last check; the overlap
+            # covers a stop string that spans the previous window's end.
+            tails = [row_tokens[-2 * window:] for row_tokens in tokens]
+            texts = self.tokenizer.batch_decode(tails, skip_special_tokens=False)
+            return {row for row, text in zip(rows, texts) if any(s in text for s in stop_strings)}
+
+        decoder = StaticDecoder(self.model, input_ids, attention, params.max_new_tokens, self.tokenizer.pad_token_id,
+                                enders,
+                                temperature=params.temperature if not params.greedy else 0.0, top_p=params.top_p,
+                                repetition_penalty=params.repetition_penalty,
+                                stop_check=stopped_rows if stop_strings else None, check_every=window,
+                                use_cuda_graph=self.cuda_graph and input_ids.device.type == "cuda")
+        return decoder.decode()
+
+    def _shortest_stopped_prefix(self, kept: list[int], stop_strings: list[str]) -> int:
+        """Tokens up to the one that completes the first stop string, as `generate` would have stopped."""
+        low, high = 1, len(kept)
+        while low < high:
+            middle = (low + high) // 2
+            text = self.tokenizer.decode(kept[:middle], skip_special_tokens=False)
+            if any(s in text for s in stop_strings):
+                high = middle
+            else:
+                low = middle + 1
+        return high
+
+    def _finish(self, key: str, tokens: list[int], params: SamplingParams, stop_strings: list[str]) -> GenerationResult:
+        end = next((i for i, tok in enumerate(tokens) if tok in self._enders()), None)
         kept = tokens if end is None else tokens[:end]
         text = self.tokenizer.decode(kept, skip_special_tokens=False)
         cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
         if cut >= 0:
+            kept = kept[:self._shortest_stopped_prefix(kept, stop_strings)]
             return GenerationResult(key, text[:cut], "stop", len(kept), kept)
         if end is not None:
             return GenerationResult(key, text, "eos", end + 1, kept)

@@ -91,9 +91,11 @@ class InstructionCritic:
             for r, i in enumerate(rows):
                 input_ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
                 attention[r, width - len(encoded[i]):] = 1
-            with torch.no_grad():
+            # Without padding no mask is passed, so SDPA can take its causal flash kernel.
+            mask = None if bool(attention.all()) else attention.to(self.model.device)
+            with torch.inference_mode():
                 # Only the last position is needed: logits_to_keep=1 avoids a (batch, len, vocab) tensor.
-                logits = self.model(input_ids=input_ids.to(self.model.device), attention_mask=attention.to(self.model.device),
+                logits = self.model(input_ids=input_ids.to(self.model.device), attention_mask=mask,
                                     logits_to_keep=1).logits[:, -1, :].float()
             logprobs = torch.log_softmax(logits, dim=-1)[:, list(self.label_ids)].cpu()
             for r, i in enumerate(rows):

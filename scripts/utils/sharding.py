@@ -192,15 +192,23 @@ def wait_for_shards(specs: list[ShardSpec], poll_seconds: float = 10.0, log=prin
         time.sleep(poll_seconds)
 
 
-def merge_records(shard_records: list[list[dict]], threshold: float, count: int | None = None) -> tuple[list[dict], list[dict]]:
+def merge_records(shard_records: list[list[dict]], threshold: float, count: int | None = None,
+                  held_out=None) -> tuple[list[dict], list[dict]]:
     """(kept, removed): records walked shard by shard in id order; first one wins.
 
-    Each removed entry is {"id", "shard", "kind": "exact"|"near", "duplicate_of"}.
+    Each removed entry is {"id", "shard", "kind": "exact"|"near", "duplicate_of"}, or, for a record
+    whose instruction overlaps the held-out test set (`held_out`, a `dedup.OverlapIndex`),
+    {"id", "shard", "kind": "held_out_overlap", "test_id", "match"}.
     """
     index = NearDuplicateIndex(threshold)
     kept, removed = [], []
     for shard, records in enumerate(shard_records):
         for record in sorted(records, key=lambda r: r["id"]):
+            overlaps = held_out.matches(record["instruction"]) if held_out is not None else []
+            if overlaps:
+                removed.append({"id": record["id"], "shard": shard, "kind": "held_out_overlap", "test_id": overlaps[0]["id"],
+                                "match": overlaps[0]["kind"]})
+                continue
             kind, match = index.find(record["instruction"])
             if kind != "new":
                 removed.append({"id": record["id"], "shard": shard, "kind": kind, "duplicate_of": match})
@@ -225,7 +233,7 @@ def sum_phase_counts(all_counts: list[dict]) -> dict:
 
 
 def merge_shards(specs: list[ShardSpec], count: int, expected_configs: dict[int, dict], threshold: float,
-                 qc_thresholds: dict) -> dict:
+                 qc_thresholds: dict, held_out=None) -> dict:
     """Check every shard, merge and dedup, recompute QC. Raises RefusedError for a missing,
     changed or differently configured shard, or shards made by different models."""
     states = {s.index: shard_status(s) for s in specs}
@@ -245,7 +253,7 @@ def merge_shards(specs: list[ShardSpec], count: int, expected_configs: dict[int,
             raise RefusedError(f"cannot merge: shard {spec.index} was made by a different model ({ident}) than shard {specs[0].index} ({identity})")
         identity = ident
     data = [read_jsonl(s.data_path, ["id", "instruction", "response"]) for s in specs]
-    kept, removed = merge_records(data, threshold)
+    kept, removed = merge_records(data, threshold, held_out=held_out)
     records = kept[:count]
     removed_ids = {r["id"] for r in removed}
     judged = [r for s in specs for r in sorted(read_jsonl(s.judged_path), key=lambda r: r["id"]) if r["id"] not in removed_ids]
@@ -253,11 +261,13 @@ def merge_shards(specs: list[ShardSpec], count: int, expected_configs: dict[int,
     for r in removed:
         r["shard"] = specs[r["shard"]].index
     phase_counts = sum_phase_counts([m.get("phase_counts") or {} for m in manifests])
-    phase_counts.update(shards=len(specs), cross_shard_exact_duplicates=kinds["exact"], cross_shard_near_duplicates=kinds["near"])
+    phase_counts.update(shards=len(specs), cross_shard_exact_duplicates=kinds["exact"], cross_shard_near_duplicates=kinds["near"],
+                        held_out_overlaps_removed=kinds["held_out_overlap"])
     qc = compute_qc(judged, qc_thresholds, phase_counts)
     shards = [{**s.as_dict(), "manifest": str(s.manifest_path), "manifest_sha256": sha256_file(s.manifest_path),
                "data_sha256": m["outputs"]["data"]["sha256"], "records": m.get("records"), "qc_passed": m["qc"]["passed"],
                "wall_seconds": m.get("wall_seconds")} for s, m in zip(specs, manifests)]
-    dedup = {"threshold": threshold, "exact_removed": kinds["exact"], "near_removed": kinds["near"], "removed": removed,
+    dedup = {"threshold": threshold, "exact_removed": kinds["exact"], "near_removed": kinds["near"],
+             "held_out_overlaps_removed": kinds["held_out_overlap"], "removed": removed,
              "records_before": sum(map(len, data)), "records_after_dedup": len(kept), "truncated_to_count": len(kept) - len(records)}
     return {"records": records, "qc": qc, "dedup": dedup, "shards": shards, "model_provenance": manifests[0].get("model_provenance")}
