@@ -60,38 +60,48 @@ def synthetic_examples(count: int, vocab: int, seed: int = 0) -> list[dict]:
 
 
 def load_model(name: str, quantize: bool, scratch: Path, tiny_model: str | None = None):
+    """Every model goes through `CleanModelLoader`, so the 4-bit path is the one training uses."""
+    from utils.clean_model_loader import CleanModelLoader
+
+    if name == "bundled":
+        source = None
+    elif name == "tiny" and tiny_model:
+        source = tiny_model
+    else:
+        source = str(_random_model_folder(name, scratch / name))
+    model, tokenizer, _ = CleanModelLoader(source, load_in_4bit=quantize, run_sentinels=False).load()
+    return model, tokenizer
+
+
+def _random_model_folder(name: str, folder: Path) -> Path:
+    """A random-init model saved once, with a small byte-level BPE tokenizer (only its special
+    tokens matter: the examples are token ids already)."""
     import torch
-
-    from utils.clean_model_loader import CleanModelLoader, nf4_quantization_config
-
-    if name == "bundled" or (name == "tiny" and tiny_model):
-        model, tokenizer, _ = CleanModelLoader(tiny_model if name == "tiny" else None, load_in_4bit=quantize, run_sentinels=False).load()
-        return model, tokenizer
-    _, tokenizer, _ = CleanModelLoader(tokenizer_only=True).load()  # only its pad token is used
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     from benchmark_generation import QWEN7B_SHAPE
 
-    folder = scratch / name
-    if not (folder / "config.json").exists():
-        if name == "qwen7b":
-            config, cls = Qwen2Config(**QWEN7B_SHAPE), Qwen2ForCausalLM
-        else:
-            config, cls = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=2048), LlamaForCausalLM
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        with torch.device(device):
-            model = cls(config).to(torch.bfloat16)
-        model.save_pretrained(folder)
-        del model
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    kwargs = {"dtype": dtype}
-    if quantize:
-        kwargs.update(quantization_config=nf4_quantization_config(dtype), device_map={"": 0 if torch.cuda.is_available() else "cpu"})
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    if not quantize and torch.cuda.is_available():
-        model.to("cuda")
-    return model, tokenizer
+    if (folder / "config.json").exists():
+        return folder
+    backend = Tokenizer(models.BPE(unk_token=None))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    backend.train_from_iterator(["a random model for throughput only"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    special = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if name == "qwen7b":
+        config, cls = Qwen2Config(**QWEN7B_SHAPE, **special), Qwen2ForCausalLM
+    else:
+        config, cls = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=2048, **special), LlamaForCausalLM
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = cls(config).to(torch.bfloat16)
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)  # a killed save never looks complete
+    return folder
 
 
 class _Clock:

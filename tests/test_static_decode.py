@@ -132,3 +132,22 @@ def test_engine_static_loop_matches_generate_with_stop_strings(trained_model_dir
     static, plain = run("static"), run("generate")
     assert static == plain
     assert {reason for _, _, reason, _ in static} >= {"stop"}, "some sequence must end on a stop string"
+
+
+def test_decode_steps_use_grouped_attention_and_restore_the_model_setting():
+    import utils.static_decode as static_decode
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = _random_model("gemma3", "sdpa")
+    name = static_decode._register_decode_attention()
+    calls = []
+    original = ALL_ATTENTION_FUNCTIONS[name]
+    ALL_ATTENTION_FUNCTIONS[name] = lambda *args, **kwargs: calls.append(args[1].shape) or original(*args, **kwargs)
+    try:
+        ids, mask = _left_padded_batch()
+        StaticDecoder(model, ids, mask, 5, 0, set(), temperature=0.0, top_p=1.0, repetition_penalty=1.0).decode()
+    finally:
+        ALL_ATTENTION_FUNCTIONS[name] = original
+    layers = model.config.num_hidden_layers
+    assert len(calls) == layers * 4 and all(shape[2] == 1 for shape in calls)  # 4 decode steps after the prefill
+    assert model.config._attn_implementation == "sdpa"

@@ -11,6 +11,12 @@ greedy output is the same token for token, and sampling draws from the same dist
 random numbers differ). Top-p looks at the `TOP_P_CANDIDATES` most probable tokens only; a row whose
 nucleus is larger is re-sampled from the fully sorted distribution, so nothing is approximated.
 
+During decoding, attention for the one new token goes through `decode_attention`, which reads each
+key/value head once for its whole query-head group. transformers' SDPA path with a mask first copies
+K and V out to every query head (`repeat_kv`); measured on an H100 for the 7B shape at batch 256,
+that copy and the masked SDPA kernel took about half of each step. Prefill keeps the model's own
+attention.
+
 On the CPU the same loop runs eagerly. `supports_static_decode` says when the loop applies; the
 engine falls back to `generate` otherwise.
 """
@@ -19,7 +25,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["StaticDecoder", "supports_static_decode", "process_scores", "nucleus_keep_mask", "TOP_P_CANDIDATES"]
+__all__ = ["StaticDecoder", "supports_static_decode", "process_scores", "nucleus_keep_mask", "decode_attention",
+           "TOP_P_CANDIDATES"]
 
 TOP_P_CANDIDATES = 512
 
@@ -38,6 +45,38 @@ def supports_static_decode(model, total_length: int) -> bool:
     if "sliding_attention" in layer_types and window is not None and total_length > window:
         return False
     return True
+
+
+def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                     softcap: float | None = None, **kwargs):
+    """Attention of one query position over the static cache, grouped-query aware, in the layout
+    transformers' attention functions return ((batch, 1, heads, head_dim), None)."""
+    import torch
+
+    batch, heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)) * (scaling if scaling is not None else head_dim ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:  # (batch, 1, 1, cache length): bool = may attend, float = additive
+        mask = attention_mask[:, :, :, :key.shape[-2]]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    output = torch.matmul(probs, value).reshape(batch, heads, 1, head_dim)
+    return output.transpose(1, 2).contiguous(), None
+
+
+DECODE_ATTENTION = "stage1_decode"
+
+
+def _register_decode_attention() -> str:
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if DECODE_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+    return DECODE_ATTENTION
 
 
 def process_scores(logits, seen, repetition_penalty: float, temperature: float):
@@ -177,18 +216,27 @@ class StaticDecoder:
     # -- the loop ----------------------------------------------------------------------------
     def decode(self):
         torch = self.torch
+        config = self.model.config
+        implementation = config._attn_implementation
         with torch.no_grad():
-            self._prefill()
-            steps_left = self.max_new_tokens - 1
-            step_fn = self._eager_step
-            if self.use_cuda_graph and steps_left > 2 and not StaticDecoder.capture_failed:
-                step_fn()  # the warm-up step (lazy kernels, cuBLAS workspaces) is a real step
-                steps_left -= 1
-                step_fn = self._capture_or_eager()
-            for step in range(steps_left):
-                step_fn()
-                if (step + 1) % self.check_every == 0 and self._all_finished():
-                    break
+            self._prefill()  # the model's own attention over the whole prompt
+            config._attn_implementation = _register_decode_attention()
+            try:
+                return self._decode_steps()
+            finally:
+                config._attn_implementation = implementation
+
+    def _decode_steps(self):
+        steps_left = self.max_new_tokens - 1
+        step_fn = self._eager_step
+        if self.use_cuda_graph and steps_left > 2 and not StaticDecoder.capture_failed:
+            step_fn()  # the warm-up step (lazy kernels, cuBLAS workspaces) is a real step
+            steps_left -= 1
+            step_fn = self._capture_or_eager()
+        for step in range(steps_left):
+            step_fn()
+            if (step + 1) % self.check_every == 0 and self._all_finished():
+                break
         return self.out
 
     def _prefill(self) -> None:
