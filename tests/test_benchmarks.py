@@ -16,7 +16,7 @@ def test_generation_benchmark_measures_every_path(tmp_path, trained_model_dir):
     out = tmp_path / "generation.json"
     result = _run("benchmark_generation.py", ["--models", "tiny", "--tiny-model", trained_model_dir, "--batch-sizes", 1, 4,
                                               "--sampling-batch-sizes", 4, "--new-tokens", 6, "--prompt-tokens", 12,
-                                              "--critic-prompts", 4, "--critic-tokens", 16, "--output", out])
+                                              "--critic-prompts", 4, "--critic-tokens", 16, "--runs", 2, "--output", out])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     paths = {(row["path"], row["batch"]) for row in rows}

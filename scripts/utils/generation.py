@@ -195,7 +195,8 @@ class GenerationEngine:
         return high
 
     def _finish(self, key: str, tokens: list[int], params: SamplingParams, stop_strings: list[str]) -> GenerationResult:
-        end = next((i for i, tok in enumerate(tokens) if tok in self._enders()), None)
+        enders = self._enders()
+        end = next((i for i, tok in enumerate(tokens) if tok in enders), None)
         kept = tokens if end is None else tokens[:end]
         text = self.tokenizer.decode(kept, skip_special_tokens=False)
         cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
