@@ -26,7 +26,6 @@ from .exit_codes import BadInputError
 from .provenance import sha256_file, sha256_text
 
 __all__ = [
-    "nf4_quantization_config",
     "CleanModelLoader",
     "ContaminationError",
     "InstructModelError",
@@ -61,14 +60,6 @@ class ContaminationError(BadInputError):
 
 class InstructModelError(BadInputError):
     """The model shows signs of instruction tuning and no override was given."""
-
-
-def nf4_quantization_config(compute_dtype):
-    """The project's 4-bit setting (QLoRA's NF4 with double quantization), shared by every 4-bit load."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def cache_root() -> Path:
@@ -203,7 +194,11 @@ class CleanModelLoader:
             dtype = self._dtype(torch, device)
             kwargs: dict[str, Any] = {"dtype": dtype, **revision_kwargs}
             if self.load_in_4bit:
-                kwargs["quantization_config"] = nf4_quantization_config(dtype)
+                from transformers import BitsAndBytesConfig
+
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=dtype)
                 kwargs["device_map"] = {"": device if device != "cuda" else 0}
             model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
             if not self.load_in_4bit:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .dedup import OVERLAP_JACCARD, OVERLAP_NGRAM, OverlapIndex, word_ngrams
+from .dedup import OVERLAP_JACCARD, OVERLAP_NGRAM, OverlapIndex
 from .exit_codes import BadInputError
 from .jsonl_io import iter_jsonl
 from .stats import EXACT_DISCORDANT_THRESHOLD, benjamini_hochberg, cohens_h, mcnemar_test, wilson_ci
@@ -32,7 +32,7 @@ from .test_set import TYPES, score_response
 
 __all__ = [
     "CONTAMINATION_JACCARD", "CONTAMINATION_NGRAM", "CI_ALPHA", "load_test_records", "load_training_instructions",
-    "word_ngrams", "check_contamination", "paired_table", "paired_statistics", "gate_decision", "format_summary",
+    "check_contamination", "paired_table", "paired_statistics", "gate_decision", "format_summary",
     "plot_success_rates",
 ]
 

@@ -176,7 +176,7 @@ class GenerationEngine:
 
         decoder = StaticDecoder(self.model, input_ids, attention, params.max_new_tokens, self.tokenizer.pad_token_id,
                                 enders,
-                                temperature=params.temperature if not params.greedy else 0.0, top_p=params.top_p,
+                                temperature=params.temperature, top_p=params.top_p,  # <= 0 decodes greedily
                                 repetition_penalty=params.repetition_penalty,
                                 stop_check=stopped_rows if stop_strings else None, check_every=window,
                                 use_cuda_graph=self.cuda_graph and input_ids.device.type == "cuda")
