@@ -6,8 +6,10 @@
 For each model and batch size, with a fixed prompt length and a fixed number of new tokens: tokens/s of
 the project's engine (`GenerationEngine`) and of plain `model.generate` with the same settings, each also
 as a fraction of the weight-bandwidth floor (weight bytes read per decode step / device copy bandwidth,
-measured here); and critic scoring (`InstructionCritic.label_logprobs`) in prompts/s and as a fraction of
-the bf16 matmul peak measured here. Models: `bundled` (gemma-3-270m), `qwen7b` (random-init, Qwen2.5-7B
+measured here), for the whole call and for its decode steps alone (the call minus a one-token call);
+and critic scoring (`InstructionCritic.label_logprobs`) in prompts/s and as a fraction of the bf16 matmul
+peak measured here. On a GPU the engine and the critic are also measured with `compile=True`
+(`*_compiled` rows; the compilation happens in the untimed warm-up call). Models: `bundled` (gemma-3-270m), `qwen7b` (random-init, Qwen2.5-7B
 shape, bf16), `tiny` (a 2-layer random model, for CPU runs). Prints a table last.
 """
 
@@ -120,54 +122,77 @@ def bench_model(name: str, args, hw: dict, device: str) -> list[dict]:
         floor = batch * hw["copy_bandwidth_bytes_per_s"] / weight_bytes  # tokens/s if each step reads all weights once
         items = [(f"p{i:04d}", prompts[i].tolist()) for i in range(batch)]
         sampling_too = batch in args.sampling_batch_sizes
-        for label, fn in _paths(model, tokenizer, prompts, items, args.new_tokens, device, sampling_too):
-            seconds = _timed(torch, fn, runs=args.runs)
+        reference = None  # plain greedy `generate`'s tokens, which every greedy path is compared with
+        for label, make in _paths(model, tokenizer, prompts, items, device, sampling_too):
+            seconds = _timed(torch, make(args.new_tokens), runs=args.runs)
+            greedy_rows = None
+            if not label.endswith("_sampled"):
+                tokens = _token_rows(make(args.new_tokens)(), args.prompt_tokens)
+                reference = tokens if reference is None else reference
+                greedy_rows = sum(a == b for a, b in zip(tokens, reference)) / batch
             tps = batch * args.new_tokens / seconds
+            # The decode steps alone: the whole call minus a call that stops after the first token
+            # (prefill and its sampling), both timed here.
+            prefill_seconds = _timed(torch, make(1), runs=args.runs)
+            decode_tps = batch * (args.new_tokens - 1) / max(seconds - prefill_seconds, 1e-9)
             rows.append({"model": name, "path": label, "batch": batch, "tokens_per_s": round(tps, 1),
-                         "fraction_of_bandwidth_floor": round(tps / floor, 4), "floor_tokens_per_s": round(floor, 1)})
+                         "fraction_of_bandwidth_floor": round(tps / floor, 4), "floor_tokens_per_s": round(floor, 1),
+                         "prefill_s": round(prefill_seconds, 4), "decode_tokens_per_s": round(decode_tps, 1),
+                         "decode_fraction_of_bandwidth_floor": round(decode_tps / floor, 4),
+                         **({"greedy_rows_equal_plain": round(greedy_rows, 4)} if greedy_rows is not None else {})})
             print(json.dumps(rows[-1]), flush=True)
-    critic = InstructionCritic(model, tokenizer, batch_size=args.critic_prompts)
     critic_prompts = torch.randint(low, min(vocab, 100000), (args.critic_prompts, args.critic_tokens), generator=gen)
-    seconds = _timed(torch, lambda: critic._score_encoded([row.tolist() for row in critic_prompts]), runs=args.runs)
     # Matmul work: every layer for every token; the LM head only at the answer slot (logits_to_keep=1).
     embed = model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings().weight.numel()
     body = params_count - embed - (0 if model.config.tie_word_embeddings else head)
-    flops = 2 * (body * args.critic_tokens + head) * args.critic_prompts / seconds
-    rows.append({"model": name, "path": "critic_scoring", "batch": args.critic_prompts, "prompts_per_s": round(args.critic_prompts / seconds, 1),
-                 "fraction_of_matmul_peak": round(flops / hw["matmul_bf16_flops_per_s"], 4)})
-    print(json.dumps(rows[-1]), flush=True)
+    for label, compiled in [("critic_scoring", False)] + ([("critic_scoring_compiled", True)] if device == "cuda" else []):
+        critic = InstructionCritic(model, tokenizer, batch_size=args.critic_prompts, compile=compiled)
+        seconds = _timed(torch, lambda: critic._score_encoded([row.tolist() for row in critic_prompts]), runs=args.runs)
+        flops = 2 * (body * args.critic_tokens + head) * args.critic_prompts / seconds
+        rows.append({"model": name, "path": label, "batch": args.critic_prompts, "prompts_per_s": round(args.critic_prompts / seconds, 1),
+                     "fraction_of_matmul_peak": round(flops / hw["matmul_bf16_flops_per_s"], 4)})
+        print(json.dumps(rows[-1]), flush=True)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
 
 
-def _paths(model, tokenizer, prompts, items, new_tokens: int, device: str, sampling_too: bool):
-    """(label, callable) for every decoding path; all of them produce exactly `new_tokens` per row."""
+def _paths(model, tokenizer, prompts, items, device: str, sampling_too: bool):
+    """(label, make) for every decoding path: make(n) is a callable producing exactly n new tokens per row."""
     import torch
 
     from utils.generation import GenerationEngine, SamplingParams
 
     def plain(**sampling):
-        return lambda: model.generate(input_ids=prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
-                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
-                                      pad_token_id=0, **sampling)
+        return lambda n: lambda: model.generate(input_ids=prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
+                                                max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0, **sampling)
 
-    def engine(params, **options):
+    def engine(settings, **options):
+        # One engine per path: it keeps its decoders (cache, captured graph) from call to call, as in a run.
         engine = GenerationEngine(model, tokenizer, batch_size=len(items), show_progress=False, **options)
         engine.tokenizer = _NoEosTokenizer(tokenizer)
-        return lambda: engine.generate_encoded(items, params)
+        return lambda n: lambda: engine.generate_encoded(items, SamplingParams(*settings, n))
 
-    greedy = SamplingParams(0.0, 1.0, 1.0, new_tokens)
+    greedy, sampled = (0.0, 1.0, 1.0), (0.7, 0.9, 1.1)  # sampled: the pipeline's penalty, temperature, top-p
+    compiled = device == "cuda"  # the engine compiles on a GPU only
     paths = [("plain_generate", plain(do_sample=False)),
              ("engine_no_graph", engine(greedy, cuda_graph=False)),  # the static loop alone
              ("engine", engine(greedy))]
-    if sampling_too:  # the pipeline's sampling settings: penalty, temperature, top-p
-        sampled = SamplingParams(0.7, 0.9, 1.1, new_tokens)
+    paths += [("engine_compiled", engine(greedy, compile=True))] if compiled else []
+    if sampling_too:
         paths += [("plain_generate_sampled", plain(do_sample=True, temperature=0.7, top_p=0.9, top_k=0, repetition_penalty=1.1)),
                   ("engine_sampled", engine(sampled))]
+        paths += [("engine_compiled_sampled", engine(sampled, compile=True))] if compiled else []
     return paths
+
+
+def _token_rows(output, prompt_tokens: int) -> list[list[int]]:
+    """New token ids per prompt, in prompt order, from `generate`'s tensor or the engine's results."""
+    if isinstance(output, list):
+        return [result.token_ids for result in sorted(output, key=lambda result: result.key)]
+    return output[:, prompt_tokens:].tolist()
 
 
 def _add_speedups(rows: list[dict]) -> None:
@@ -203,12 +228,13 @@ def main(args) -> int:
     _add_speedups(rows)
     write_manifest_atomic(args.output, {"hardware": hw, "rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
                                         "environment": capture_environment(), **get_git_info()})
-    print(f"\n{'model':<9}{'path':<24}{'batch':>6}{'tok/s or prompts/s':>20}{'fraction':>10}{'x plain':>9}  of")
+    print(f"\n{'model':<9}{'path':<26}{'batch':>6}{'tok/s or prompts/s':>20}{'fraction':>10}{'decode only':>12}{'x plain':>9}  of")
     for row in rows:
         rate = row.get("tokens_per_s", row.get("prompts_per_s"))
         frac = row.get("fraction_of_bandwidth_floor", row.get("fraction_of_matmul_peak"))
+        decode = f"{row['decode_fraction_of_bandwidth_floor']:.3f}" if "decode_fraction_of_bandwidth_floor" in row else ""
         speedup = f"{row['speedup_vs_plain']:.2f}" if "speedup_vs_plain" in row else ""
-        print(f"{row['model']:<9}{row['path']:<24}{row['batch']:>6}{rate:>20}{frac:>10.3f}{speedup:>9}  "
+        print(f"{row['model']:<9}{row['path']:<26}{row['batch']:>6}{rate:>20}{frac:>10.3f}{decode:>12}{speedup:>9}  "
               f"{'matmul peak' if 'prompts_per_s' in row else 'bandwidth floor'}")
     return 0
 

@@ -52,7 +52,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"[pilot] {'resuming' if resumed else 'starting'} in {args.output}", flush=True)
     start = time.time()
     model, tokenizer, provenance = CleanModelLoader(args.model, dtype=args.dtype, allow_instruct_model=args.allow_instruct_model).load()
-    result = run_stage1_generation(model, tokenizer, config, args.output, batch_size=args.batch_size, show_progress=not args.no_progress)
+    result = run_stage1_generation(model, tokenizer, config, args.output, batch_size=args.batch_size, show_progress=not args.no_progress,
+                                   compile=args.compile)
     data_path = args.output / "sft_data.jsonl"
     write_jsonl_atomic(data_path, result["final"])
     qc = result["qc"]

@@ -132,7 +132,7 @@ def _run_shard(spec, config, overrides, args, load_model, launch) -> None:
         model, tokenizer, provenance = load_model()
         start = time.time()
         result = run_stage1_generation(model, tokenizer, shard_config, spec.folder, batch_size=args.batch_size,
-                                       show_progress=not args.no_progress, key_prefix=spec.key_prefix)
+                                       show_progress=not args.no_progress, key_prefix=spec.key_prefix, compile=args.compile)
         write_jsonl_atomic(spec.data_path, result["final"])
         qc = result["qc"]
         if len(result["final"]) < spec.count:

@@ -160,6 +160,21 @@ def test_critic_label_swap_averages_margins(trained):
     assert swapped["margin"] == pytest.approx(expected, abs=1e-5) and swapped["label_swap"] is True
 
 
+def test_critic_falls_back_when_the_compiled_forward_fails(trained, capsys):
+    from utils.instruction_critic import InstructionCritic
+
+    model, tokenizer = trained
+    expected = InstructionCritic(model, tokenizer).label_logprobs(["Describe cats.", "Name a tree, please."])
+    critic = InstructionCritic(model, tokenizer)
+
+    def broken_compiled_forward(**kwargs):  # what a missing Triton/C++ toolchain looks like on first call
+        raise RuntimeError("inductor: no working C++ compiler")
+
+    critic.forward = broken_compiled_forward
+    assert critic.label_logprobs(["Describe cats.", "Name a tree, please."]) == expected
+    assert critic.forward is model and "torch.compile failed" in capsys.readouterr().out
+
+
 def test_critic_never_truncates_the_answer_slot(trained):
     from utils.clean_model_loader import encode_prompt
     from utils.completion_prompts import CompletionStylePrompts as P
@@ -232,10 +247,12 @@ def test_near_duplicate_index():
 # -- the pilot end to end --------------------------------------------------------------------
 def test_pilot_end_to_end_exit_0_then_4(trained_model_dir, tmp_path):
     out = tmp_path / "pilot"
-    done = _run(["--model", trained_model_dir, "--count", 6, "--output", out, "--batch-size", 8])
+    # --compile is GPU-only: on the CPU it must change nothing but the recorded arguments.
+    done = _run(["--model", trained_model_dir, "--count", 6, "--output", out, "--batch-size", 8, "--compile"])
     assert done.returncode == 0, done.stderr[-2000:]
     manifest = json.loads((out / "session_manifest.json").read_text())
     assert manifest["qc"]["passed"] is True and manifest["records"] == 6
+    assert json.dumps(manifest).count('"compile": true') == 1
     records = _lines(out / "sft_data.jsonl")
     assert len(records) == 6 and len({r["id"] for r in records}) == 6
     for record in records:

@@ -54,7 +54,7 @@ def test_greedy_equals_generate_token_for_token(family, lora, attention):
     end_token = int(free_run[0, 5])
     expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=24,
                               repetition_penalty=1.3, pad_token_id=0, eos_token_id=end_token)[:, 10:]
-    got = StaticDecoder(model, ids, mask, 24, 0, {end_token}, temperature=0.0, top_p=1.0, repetition_penalty=1.3).decode()
+    got = StaticDecoder(model, *ids.shape, 24, 0, {end_token}, temperature=0.0, top_p=1.0, repetition_penalty=1.3).decode(ids, mask)
     assert (expected == 0).any(), "the end token must finish at least one row for this test to mean anything"
     width = expected.shape[1]  # generate stops early once every row has ended
     assert torch.equal(got[:, :width], expected)
@@ -104,8 +104,8 @@ def test_sampled_first_tokens_follow_the_generate_distribution(candidates, monke
         logits = model(input_ids=prompt).logits[:, -1, :]
     expected = _hf_probabilities(logits, prompt, 1.2, 0.8, 0.9)[0]
     torch.manual_seed(4)
-    decoder = StaticDecoder(model, ids, mask, 1, 0, set(), temperature=0.8, top_p=0.9, repetition_penalty=1.2)
-    first = decoder.decode()[:, 0]
+    decoder = StaticDecoder(model, *ids.shape, 1, 0, set(), temperature=0.8, top_p=0.9, repetition_penalty=1.2)
+    first = decoder.decode(ids, mask)[:, 0]
     assert bool(decoder.uncovered.all()) == (candidates == 4)
     counts = torch.bincount(first, minlength=VOCAB).double()
     support = expected > 0
@@ -132,6 +132,34 @@ def test_engine_static_loop_matches_generate_with_stop_strings(trained_model_dir
     static, plain = run("static"), run("generate")
     assert static == plain
     assert {reason for _, _, reason, _ in static} >= {"stop"}, "some sequence must end on a stop string"
+    # Widths padded up to a multiple of 16 (as on a GPU) and decoders kept across batches: same results.
+    engine = GenerationEngine(model, tokenizer, batch_size=2, show_progress=False, decode_loop="static", width_multiple=16)
+    for _ in range(2):
+        assert sorted((r.key, r.text, r.finish_reason, r.token_ids) for r in engine.generate(items, params, stop_strings=stops)) == plain
+    assert 1 <= len(engine._decoders) <= GenerationEngine.KEPT_DECODERS
+    assert all(decoder.width % 16 == 0 for decoder in engine._decoders.values())
+
+
+def test_engine_drops_its_kept_decoders_when_the_model_changes(trained_model_dir):
+    # The evaluation generates with the base model, then sets engine.model to base + adapter: the
+    # second model must not decode through the first one's kept decoder (on a GPU: its graph).
+    from utils.clean_model_loader import CleanModelLoader
+    from utils.generation import GenerationEngine, SamplingParams
+
+    first, tokenizer, _ = CleanModelLoader(str(trained_model_dir), run_sentinels=False).load()
+    second, _, _ = CleanModelLoader(str(trained_model_dir), run_sentinels=False).load()
+    with torch.no_grad():
+        for parameter in second.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    items = [("a", "The weather today is"), ("b", "Three facts about cats:")]
+    params = SamplingParams(0.0, 1.0, 1.0, 12)
+    texts = lambda results: [r.token_ids for r in sorted(results, key=lambda r: r.key)]
+    engine = GenerationEngine(first, tokenizer, batch_size=2, show_progress=False, decode_loop="static")
+    from_first = texts(engine.generate(items, params))
+    engine.model = second
+    expected = texts(GenerationEngine(second, tokenizer, batch_size=2, show_progress=False, decode_loop="static").generate(items, params))
+    assert expected != from_first, "the two models must differ for this test to mean anything"
+    assert texts(engine.generate(items, params)) == expected
 
 
 def test_decode_steps_use_grouped_attention_and_restore_the_model_setting():
@@ -145,9 +173,71 @@ def test_decode_steps_use_grouped_attention_and_restore_the_model_setting():
     ALL_ATTENTION_FUNCTIONS[name] = lambda *args, **kwargs: calls.append(args[1].shape) or original(*args, **kwargs)
     try:
         ids, mask = _left_padded_batch()
-        StaticDecoder(model, ids, mask, 5, 0, set(), temperature=0.0, top_p=1.0, repetition_penalty=1.0).decode()
+        StaticDecoder(model, *ids.shape, 5, 0, set(), temperature=0.0, top_p=1.0, repetition_penalty=1.0).decode(ids, mask)
     finally:
         ALL_ATTENTION_FUNCTIONS[name] = original
     layers = model.config.num_hidden_layers
     assert len(calls) == layers * 4 and all(shape[2] == 1 for shape in calls)  # 4 decode steps after the prefill
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_decoder_reused_across_batches_equals_fresh_decoders():
+    model = _random_model("llama", "sdpa")
+    first_ids, first_mask = _left_padded_batch()
+    second_ids = torch.randint(3, VOCAB, first_ids.shape, generator=torch.Generator().manual_seed(7))
+    second_mask = torch.ones_like(second_ids)
+    second_mask[3, :4] = 0
+    settings = dict(temperature=0.7, top_p=0.9, repetition_penalty=1.3)
+
+    def decode(decoder, ids, mask, seed):
+        torch.manual_seed(seed)
+        return decoder.decode(ids, mask)
+
+    fresh = lambda: StaticDecoder(model, *first_ids.shape, 12, 0, {5}, **settings)
+    expected = [decode(fresh(), first_ids, first_mask, 1), decode(fresh(), second_ids, second_mask, 2)]
+    reused = fresh()
+    got = [decode(reused, first_ids, first_mask, 1), decode(reused, second_ids, second_mask, 2),
+           decode(reused, first_ids, first_mask, 1)]
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[0])
+    assert not torch.equal(expected[0], expected[1])
+    with pytest.raises(ValueError, match="serves batches of shape"):
+        reused.decode(first_ids[:2], first_mask[:2])
+
+
+def test_compiled_decode_step_equals_generate(monkeypatch):
+    # aot_eager traces the step through dynamo and AOT autograd like inductor does, without a C++ or
+    # Triton toolchain; the GPU run uses inductor (docs/measurements.md).
+    import utils.static_decode as static_decode
+
+    monkeypatch.setattr(static_decode, "COMPILE_BACKEND", "aot_eager")
+    model = _random_model("gemma3", "sdpa")
+    ids, mask = _left_padded_batch()
+    expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                              repetition_penalty=1.3, pad_token_id=0, eos_token_id=None)[:, 10:]
+    decoder = StaticDecoder(model, *ids.shape, 8, 0, set(), temperature=0.0, top_p=1.0, repetition_penalty=1.3,
+                            compile_forward=True)
+    assert torch.equal(decoder.decode(ids, mask), expected)
+    assert decoder.compile_forward and not StaticDecoder.compile_failed
+    compiled = static_decode._compiled(model)
+    assert model.__dict__["_stage1_compiled"] is compiled  # one wrapper per model, kept on the model
+    assert all(module is not compiled for module in model.modules())  # not registered as a submodule
+    assert torch.equal(decoder.decode(ids, mask), expected)  # the compiled step again, on reloaded buffers
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_rehearsal_before_capture_is_rewound(monkeypatch, family):
+    # On a GPU the first batch of a decoder rehearses one step, captures it, and rewinds; a reused
+    # decoder goes straight to the graph. Both must sample the same tokens for the same seed. Here the
+    # "graph" is the eager step itself, so the rewind is checked on the CPU.
+    monkeypatch.setattr(StaticDecoder, "_capture", lambda self: self._eager_step)
+    model = _random_model(family, "sdpa")
+    ids, mask = _left_padded_batch()
+
+    def sample(use_graph):
+        torch.manual_seed(11)
+        decoder = StaticDecoder(model, *ids.shape, 10, 0, set(), temperature=1.0, top_p=0.95, repetition_penalty=1.2,
+                                use_cuda_graph=use_graph)
+        return decoder.decode(ids, mask)
+
+    rehearsed, plain = sample(True), sample(False)
+    assert torch.equal(rehearsed, plain)

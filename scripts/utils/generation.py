@@ -6,6 +6,12 @@ GPU) wherever `supports_static_decode` holds, and through `model.generate` other
 `decode_loop="generate"`; both give the same greedy tokens and the same sampling distribution.
 A stop string is matched in the generated text only, never across the prompt's end.
 
+On a GPU the engine keeps its last decoders (buffers, cache, captured graph) and left-pads each
+batch to a multiple of `width_multiple` tokens, so batches sorted by length mostly share a shape and
+replay one graph instead of capturing their own. `compile=True` also compiles the decode step
+(torch.compile, once per shape; it pays off over many batches of one shape). `release()` frees them;
+assigning `engine.model` releases them too (a graph replays the model it was captured from).
+
     engine = GenerationEngine(model, tokenizer, batch_size=32, seed=42)
     results = engine.generate([(key, prompt_text), ...], SamplingParams(...), stop_strings=[...],
                               on_result=appender_callback)
@@ -62,12 +68,21 @@ def _batch_seed(seed: int, first_key: str) -> int:
 
 
 class GenerationEngine:
+    KEPT_DECODERS = 2  # instruction and response batches may alternate; each decoder holds a KV cache
+
     def __init__(self, model, tokenizer, batch_size: int = 16, seed: int = 0, show_progress: bool = True,
-                 decode_loop: str = "auto", cuda_graph: bool = True):
+                 decode_loop: str = "auto", cuda_graph: bool = True, compile: bool = False,
+                 width_multiple: int | None = None):
         if decode_loop not in ("auto", "static", "generate"):
             raise ValueError(f"decode_loop must be auto, static or generate, not {decode_loop!r}")
+        self._decoders: dict[tuple, StaticDecoder] = {}
         self.decode_loop = decode_loop
         self.cuda_graph = cuda_graph
+        on_gpu = getattr(model, "device", None) is not None and model.device.type == "cuda"
+        self.compile = compile and on_gpu
+        # Extra left padding is masked out, but it changes the shapes the kernels reduce over; on the
+        # CPU (no graph to share) the width stays exact.
+        self.width_multiple = max(1, width_multiple if width_multiple is not None else (32 if on_gpu else 1))
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = max(1, batch_size)
@@ -112,11 +127,27 @@ class GenerationEngine:
         progress.close()
         return results
 
+    @property
+    def model(self):
+        return self._model
+
+    @model.setter
+    def model(self, model) -> None:
+        # A kept graph replays the kernels of the model it was captured from: a new model (an adapter
+        # loaded on top, another checkpoint) must not inherit it.
+        self._model = model
+        self.release()
+
+    def release(self) -> None:
+        """Drop the kept decoders (their KV caches and graphs); the next batch builds its own again."""
+        self._decoders.clear()
+
     def _recover_from_oom(self, err: BaseException) -> None:
         import torch
 
         self.oom_events += 1
         self.batch_size = max(1, self.batch_size // 2)
+        self.release()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         print(f"[generation] out of memory ({type(err).__name__}); batch size halved to {self.batch_size}", flush=True)
@@ -127,6 +158,11 @@ class GenerationEngine:
 
         pad_id = self.tokenizer.pad_token_id
         width = max(len(ids) for _, ids in batch)
+        static = self._use_static_loop(width + params.max_new_tokens)
+        if static:
+            padded = -(-width // self.width_multiple) * self.width_multiple
+            if supports_static_decode(self.model, padded + params.max_new_tokens):
+                width = padded
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
         for row, (_, ids) in enumerate(batch):
@@ -134,7 +170,7 @@ class GenerationEngine:
             attention[row, width - len(ids):] = 1
         device = self.model.device
         torch.manual_seed(_batch_seed(self.seed, batch[0][0]))
-        if self._use_static_loop(width + params.max_new_tokens):
+        if static:
             new_tokens = self._static_decode(input_ids.to(device), attention.to(device), params, stop_strings).tolist()
             return [self._finish(key, tokens, params, stop_strings) for (key, _), tokens in zip(batch, new_tokens)]
         kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad_id,
@@ -174,13 +210,21 @@ class GenerationEngine:
             texts = self.tokenizer.batch_decode(tails, skip_special_tokens=False)
             return {row for row, text in zip(rows, texts) if any(s in text for s in stop_strings)}
 
-        decoder = StaticDecoder(self.model, input_ids, attention, params.max_new_tokens, self.tokenizer.pad_token_id,
-                                enders,
-                                temperature=params.temperature, top_p=params.top_p,  # <= 0 decodes greedily
-                                repetition_penalty=params.repetition_penalty,
-                                stop_check=stopped_rows if stop_strings else None, check_every=window,
-                                use_cuda_graph=self.cuda_graph and input_ids.device.type == "cuda")
-        return decoder.decode()
+        # The module count catches an adapter injected into the same model object in place; other
+        # in-place changes need release().
+        key = (id(self.model), sum(1 for _ in self.model.modules()), tuple(input_ids.shape), params.max_new_tokens,
+               params.temperature, params.top_p, params.repetition_penalty, tuple(sorted(enders)))
+        decoder = self._decoders.pop(key, None)
+        if decoder is None:
+            while len(self._decoders) >= self.KEPT_DECODERS:
+                self._decoders.pop(next(iter(self._decoders)))  # the least recently used
+            decoder = StaticDecoder(self.model, *input_ids.shape, params.max_new_tokens, self.tokenizer.pad_token_id,
+                                    enders, temperature=params.temperature, top_p=params.top_p,  # <= 0: greedy
+                                    repetition_penalty=params.repetition_penalty, device=input_ids.device,
+                                    check_every=window, use_cuda_graph=self.cuda_graph and input_ids.device.type == "cuda",
+                                    compile_forward=self.compile)
+        self._decoders[key] = decoder  # most recently used last
+        return decoder.decode(input_ids, attention, stop_check=stopped_rows if stop_strings else None)
 
     def _shortest_stopped_prefix(self, kept: list[int], stop_strings: list[str]) -> int:
         """Tokens up to the one that completes the first stop string, as `generate` would have stopped."""

@@ -4,6 +4,8 @@ The answer slot is the last position of the prompt; the critic reads log P(" A")
 there, and the margin log P(A) - log P(B) decides: accepted when margin >= threshold. No sampling.
 With `label_swap`, each item is asked a second time with the letters traded (A = bad) and the two
 margins are averaged, which cancels a constant preference for one letter (position bias).
+With `compile=True` on a GPU the forward pass is compiled (torch.compile: norms, rotary embeddings
+and activations fused); the first batches of each new shape pay the compilation.
 """
 
 from __future__ import annotations
@@ -18,8 +20,14 @@ __all__ = ["InstructionCritic"]
 
 class InstructionCritic:
     def __init__(self, model, tokenizer, batch_size: int = 16, confidence_threshold: float = 1.0,
-                 label_swap: bool = False, max_prompt_tokens: int | None = None, show_progress: bool = False):
+                 label_swap: bool = False, max_prompt_tokens: int | None = None, show_progress: bool = False,
+                 compile: bool = False):
         self.model = model
+        self.forward = model
+        if compile and model.device.type == "cuda":
+            import torch
+
+            self.forward = torch.compile(model)
         self.tokenizer = tokenizer
         self.batch_size = max(1, batch_size)
         self.confidence_threshold = confidence_threshold
@@ -94,13 +102,27 @@ class InstructionCritic:
             # Without padding no mask is passed, so SDPA can take its causal flash kernel.
             mask = None if bool(attention.all()) else attention.to(self.model.device)
             with torch.inference_mode():
-                # Only the last position is needed: logits_to_keep=1 avoids a (batch, len, vocab) tensor.
-                logits = self.model(input_ids=input_ids.to(self.model.device), attention_mask=mask,
-                                    logits_to_keep=1).logits[:, -1, :].float()
+                logits = self._last_logits(input_ids.to(self.model.device), mask)
             logprobs = torch.log_softmax(logits, dim=-1)[:, list(self.label_ids)].cpu()
             for r, i in enumerate(rows):
                 out[i] = (float(logprobs[r, 0]), float(logprobs[r, 1]))
         return out  # type: ignore[return-value]
+
+    def _last_logits(self, input_ids, mask):
+        import torch
+
+        # Only the last position is needed: logits_to_keep=1 avoids a (batch, len, vocab) tensor.
+        run = lambda forward: forward(input_ids=input_ids, attention_mask=mask, logits_to_keep=1).logits[:, -1, :].float()
+        if self.forward is self.model:
+            return run(self.model)
+        try:
+            return run(self.forward)
+        except Exception as err:  # noqa: BLE001 - a compiler failure must not stop the scoring
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+            print(f"[critic] torch.compile failed, scoring uncompiled: {type(err).__name__}: {err}", flush=True)
+            self.forward = self.model
+            return run(self.model)
 
     def _fit(self, ids: list[int]) -> list[int]:
         """Shorten from the front (after BOS), never the end: the answer slot must stay last."""

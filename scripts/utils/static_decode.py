@@ -68,6 +68,19 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
 
 
 DECODE_ATTENTION = "stage1_decode"
+COMPILE_BACKEND = "inductor"
+
+
+def _compiled(model):
+    """The model's compiled wrapper, made once and kept on the model itself (so it lives and dies with
+    it); every decoder of that model shares it."""
+    import torch
+
+    compiled = model.__dict__.get("_stage1_compiled")
+    if compiled is None:
+        compiled = torch.compile(model, backend=COMPILE_BACKEND, dynamic=False)
+        object.__setattr__(model, "_stage1_compiled", compiled)  # not registered as a submodule
+    return compiled
 
 
 def _register_decode_attention() -> str:
@@ -112,52 +125,80 @@ def _exponential_race(probs):
 
 
 class StaticDecoder:
-    """Decodes one batch. `decode()` returns the generated ids (batch, max_new_tokens), pad after the end."""
+    """Decodes batches of one shape (batch, prompt width, new tokens) and one set of sampling settings.
+
+    The buffers, the cache and the captured graph stay with the decoder, so the next batch of the same
+    shape replays the graph without a new warm-up and capture: `decode(ids, mask)` once per batch
+    returns the generated ids (batch, max_new_tokens), pad after the end. With `compile_forward`,
+    the decode step's forward pass is compiled (torch.compile fuses the many small elementwise
+    kernels of norms, rotary embeddings and activations) before it is captured."""
 
     capture_failed = False  # set once per process, so a model that cannot be captured is not retried
+    compile_failed = False
 
-    def __init__(self, model, input_ids, attention_mask, max_new_tokens: int, pad_id: int, end_ids: set[int],
-                 temperature: float, top_p: float, repetition_penalty: float,
-                 stop_check: Callable[[list[list[int]], list[int]], set[int]] | None = None,
-                 check_every: int = 8, use_cuda_graph: bool | None = None):
+    def __init__(self, model, batch: int, width: int, max_new_tokens: int, pad_id: int, end_ids: set[int],
+                 temperature: float, top_p: float, repetition_penalty: float, device=None,
+                 check_every: int = 8, use_cuda_graph: bool | None = None, compile_forward: bool = False):
         import torch
 
         self.torch = torch
         self.model = model
-        self.device = input_ids.device
-        self.batch, self.width = input_ids.shape
+        self.device = torch.device(device) if device is not None else model.device
+        self.batch, self.width = batch, width
         self.max_new_tokens = max_new_tokens
-        self.length = self.width + max_new_tokens
+        self.length = width + max_new_tokens
         self.pad_id = pad_id
         self.greedy = temperature <= 0
         self.temperature, self.top_p, self.repetition_penalty = temperature, top_p, repetition_penalty
-        self.stop_check = stop_check
+        self.stop_check = None
         self.check_every = max(1, check_every)
         self.use_cuda_graph = (self.device.type == "cuda") if use_cuda_graph is None else use_cuda_graph
+        self.compile_forward = compile_forward and not StaticDecoder.compile_failed
         self.eager_mask = model.config._attn_implementation == "eager"
         self.mask_dtype = next(model.parameters()).dtype
         vocab = model.get_output_embeddings().weight.shape[0]
         self.candidates = min(TOP_P_CANDIDATES, vocab)
         self.end_ids = torch.tensor(sorted(end_ids) or [-1], device=self.device)
 
-        # Static state: the addresses a captured graph reads and writes.
-        self.prompt_ids = input_ids
-        self.valid = torch.zeros(self.batch, self.length, dtype=torch.bool, device=self.device)
-        self.valid[:, :self.width] = attention_mask.bool()
-        self.seen = torch.zeros(self.batch, vocab, dtype=torch.bool, device=self.device)
-        self.seen.scatter_(1, input_ids, True)  # like generate: the prompt, left padding included
-        self.done = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
-        self.out = torch.full((self.batch, max_new_tokens), pad_id, dtype=torch.long, device=self.device)
-        self.cur_token = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
-        positions = attention_mask.long().cumsum(-1) - 1
-        self.position = positions[:, -1:].clone() + 1
-        self.column = torch.tensor([self.width], dtype=torch.long, device=self.device)
-        self.step_index = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.uncovered = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
-        self.scores = None
+        # Static state: the addresses a captured graph reads and writes, refilled for every batch.
+        def zeros(*shape, dtype):
+            return torch.zeros(*shape, dtype=dtype, device=self.device)
+
+        self.prompt_ids = zeros(batch, width, dtype=torch.long)
+        self.valid = zeros(batch, self.length, dtype=torch.bool)
+        self.seen = zeros(batch, vocab, dtype=torch.bool)
+        self.done = zeros(batch, dtype=torch.bool)
+        self.out = zeros(batch, max_new_tokens, dtype=torch.long)
+        self.cur_token = zeros(batch, 1, dtype=torch.long)
+        self.position = zeros(batch, 1, dtype=torch.long)
+        self.column = zeros(1, dtype=torch.long)
+        self.step_index = zeros(1, dtype=torch.long)
+        self.uncovered = zeros(batch, dtype=torch.bool)
+        self._prefill_positions = None
+        self._step = None  # the captured step, once there is one
         from transformers import StaticCache
 
         self.cache = StaticCache(config=model.config, max_cache_len=self.length)
+
+    def _load(self, input_ids, attention_mask) -> None:
+        """Put a new batch into the static buffers, in place (a captured graph keeps their addresses)."""
+        if tuple(input_ids.shape) != (self.batch, self.width):
+            raise ValueError(f"this decoder serves batches of shape {(self.batch, self.width)}, got {tuple(input_ids.shape)}")
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        self.prompt_ids.copy_(input_ids)
+        self.valid.zero_()
+        self.valid[:, :self.width] = attention_mask.bool()
+        self.seen.zero_()
+        self.seen.scatter_(1, input_ids, True)  # like generate: the prompt, left padding included
+        self.done.zero_()
+        self.out.fill_(self.pad_id)
+        self.cur_token.zero_()
+        positions = attention_mask.long().cumsum(-1) - 1
+        self.position.copy_(positions[:, -1:] + 1)
+        self.column.fill_(self.width)
+        self.step_index.zero_()
+        self.uncovered.zero_()
+        self.cache.reset()  # keys and values zeroed, lengths back to 0, same tensors
         self._prefill_positions = positions.masked_fill(attention_mask == 0, 1)
 
     # -- one step ----------------------------------------------------------------------------
@@ -167,32 +208,35 @@ class StaticDecoder:
         torch = self.torch
         return torch.zeros((), dtype=self.mask_dtype, device=self.device).masked_fill(~allowed, torch.finfo(self.mask_dtype).min)
 
-    def _forward(self, input_ids, position_ids, allowed):
-        return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=self._mask(allowed),
-                          past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+    def _forward(self, input_ids, position_ids, allowed, model=None):
+        forward = self.model if model is None else model
+        return forward(input_ids=input_ids, position_ids=position_ids, attention_mask=self._mask(allowed),
+                       past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
 
     def _select(self, logits):
+        """(next tokens, the scores they were drawn from); the scores serve `_full_sort_resample`, and
+        are passed along rather than kept on the decoder, where the next prefill would replace the
+        captured graph's own tensor."""
         torch = self.torch
         scores = process_scores(logits, self.seen, self.repetition_penalty, self.temperature)
         if self.greedy:
-            return scores.argmax(dim=-1)
-        self.scores = scores
+            return scores.argmax(dim=-1), scores
         probs = torch.softmax(scores, dim=-1)
         if self.top_p >= 1.0:
-            return _exponential_race(probs)
+            return _exponential_race(probs), scores
         top_probs, top_ids = torch.topk(probs, self.candidates, dim=-1)
         keep = nucleus_keep_mask(top_probs, self.top_p)
         # Covered when the candidates hold at least top_p of the mass: every token outside them then
         # has at least that much above it and is dropped by top-p as well.
         self.uncovered.copy_(top_probs.sum(dim=-1) < self.top_p)
         choice = _exponential_race(top_probs * keep)
-        return top_ids.gather(1, choice[:, None]).squeeze(1)
+        return top_ids.gather(1, choice[:, None]).squeeze(1), scores
 
-    def _full_sort_resample(self, next_tokens) -> None:
+    def _full_sort_resample(self, next_tokens, scores) -> None:
         """Rows whose nucleus exceeds the candidates: sample from the whole sorted distribution."""
         torch = self.torch
         rows = self.uncovered.nonzero().squeeze(1)
-        probs = torch.softmax(self.scores[rows], dim=-1)
+        probs = torch.softmax(scores[rows], dim=-1)
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         choice = _exponential_race(sorted_probs * nucleus_keep_mask(sorted_probs, self.top_p))
         next_tokens[rows] = order.gather(1, choice[:, None]).squeeze(1)
@@ -208,36 +252,62 @@ class StaticDecoder:
 
     def _decode_logits(self):
         self.valid.index_fill_(1, self.column, True)
-        logits = self._forward(self.cur_token, self.position, self.valid[:, None, None, :])
+        logits = self._forward(self.cur_token, self.position, self.valid[:, None, None, :],
+                               _compiled(self.model) if self.compile_forward else None)
         self.column += 1
         self.position += 1
         return logits
 
     # -- the loop ----------------------------------------------------------------------------
-    def decode(self):
+    def decode(self, input_ids, attention_mask, stop_check: Callable[[list[list[int]], list[int]], set[int]] | None = None):
+        """Generate for one left-padded batch of this decoder's shape. `stop_check(tokens, rows)` is
+        asked every `check_every` steps which of the live rows have produced a stop string."""
         torch = self.torch
         config = self.model.config
         implementation = config._attn_implementation
+        self.stop_check = stop_check
         with torch.no_grad():
+            self._load(input_ids, attention_mask)
             self._prefill()  # the model's own attention over the whole prompt
             config._attn_implementation = _register_decode_attention()
             try:
-                return self._decode_steps()
+                return self._decode_steps().clone()  # the buffer itself belongs to the next batch
             finally:
                 config._attn_implementation = implementation
 
     def _decode_steps(self):
         steps_left = self.max_new_tokens - 1
         step_fn = self._eager_step
-        if self.use_cuda_graph and steps_left > 2 and not StaticDecoder.capture_failed:
-            step_fn()  # the warm-up step (lazy kernels, cuBLAS workspaces) is a real step
+        if self._step is not None:
+            step_fn = self._step
+        elif self.use_cuda_graph and steps_left > 2 and not StaticDecoder.capture_failed:
+            self._step = self._rehearse_and_capture()
+            if self._step is not None:
+                step_fn = self._step
+            else:  # capture failed: the rehearsal step stands, the loop carries on eagerly
+                steps_left -= 1
+        elif self.compile_forward and steps_left > 0:
+            self._warm_up_step()
             steps_left -= 1
-            step_fn = self._capture_or_eager()
         for step in range(steps_left):
             step_fn()
             if (step + 1) % self.check_every == 0 and self._all_finished():
                 break
         return self.out
+
+    def _warm_up_step(self) -> None:
+        if not self.compile_forward:
+            return self._eager_step()
+        try:
+            return self._eager_step()
+        except Exception as err:  # noqa: BLE001 - a compiler failure must not lose the batch
+            if isinstance(err, self.torch.OutOfMemoryError):
+                raise  # the engine halves the batch
+            # Compilation fails before the step runs any kernel, so no state has moved yet.
+            StaticDecoder.compile_failed = True
+            self.compile_forward = False
+            print(f"[static_decode] torch.compile failed, decoding uncompiled: {type(err).__name__}: {err}", flush=True)
+            return self._eager_step()
 
     def _prefill(self) -> None:
         torch = self.torch
@@ -248,29 +318,49 @@ class StaticDecoder:
         # cache would carry into every later step).
         allowed |= (rows[:, None] == torch.arange(self.length, device=self.device)[None, :])[None]
         logits = self._forward(self.prompt_ids, self._prefill_positions, allowed[:, None])
-        self._finish_step(self._select(logits))
+        self._finish_step(*self._select(logits))
 
     @property
     def _may_resample(self) -> bool:
         return not self.greedy and self.top_p < 1.0
 
-    def _finish_step(self, next_tokens) -> None:
+    def _finish_step(self, next_tokens, scores) -> None:
         if self._may_resample and bool(self.uncovered.any()):
-            self._full_sort_resample(next_tokens)
+            self._full_sort_resample(next_tokens, scores)
         self._commit(next_tokens)
 
     def _eager_step(self) -> None:
-        self._finish_step(self._select(self._decode_logits()))
+        self._finish_step(*self._select(self._decode_logits()))
 
-    def _capture_or_eager(self):
+    def _rehearse_and_capture(self):
+        """Capture the step after one rehearsal step (lazy kernels, cuBLAS workspaces, compilation),
+        then rewind the state and the random generator to before the rehearsal, so a batch consumes
+        the same random numbers whether its decoder is new or reused. Returns None where capture
+        fails; the rehearsal then stands as the batch's first decode step."""
+        torch = self.torch
+        buffers = [self.valid, self.seen, self.done, self.out, self.cur_token, self.position, self.column,
+                   self.step_index] + [layer.cumulative_length for layer in self.cache.layers]
+        saved = [buffer.clone() for buffer in buffers]
+        # Sliding layers also count in Python, which the rehearsal and the capture both advance.
+        counts = [(layer, layer.cumulative_length_int) for layer in self.cache.layers if hasattr(layer, "cumulative_length_int")]
+        rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
+        self._warm_up_step()
         try:
-            return self._capture()
+            step = self._capture()
         except RuntimeError as err:
-            # Nothing ran during the failed capture (kernels are only recorded), so the state is
-            # where the warm-up step left it and the eager loop carries on from there.
+            # Nothing ran during the failed capture (kernels are only recorded).
             StaticDecoder.capture_failed = True
             print(f"[static_decode] CUDA graph capture failed, decoding eagerly from now on: {err}", flush=True)
-            return self._eager_step
+            return None
+        for buffer, value in zip(buffers, saved):
+            buffer.copy_(value)  # the key/value slot the rehearsal wrote is rewritten by the real step
+        for layer, count in counts:
+            layer.cumulative_length_int = count
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng, self.device)
+        else:
+            torch.set_rng_state(rng)
+        return step
 
     def _capture(self):
         torch = self.torch
@@ -280,17 +370,17 @@ class StaticDecoder:
         holder = {}
         with torch.cuda.stream(side):
             with torch.cuda.graph(graph, stream=side):
-                holder["next"] = self._select(self._decode_logits())
+                holder["next"], holder["scores"] = self._select(self._decode_logits())
                 if not self._may_resample:
                     self._commit(holder["next"])
         torch.cuda.current_stream().wait_stream(side)
-        next_tokens = holder["next"]
+        next_tokens, scores = holder["next"], holder["scores"]
 
         def replay() -> None:
             graph.replay()
             if self._may_resample:
                 # Outside the graph: an uncovered row is re-sampled before the token is committed.
-                self._finish_step(next_tokens)
+                self._finish_step(next_tokens, scores)
 
         return replay
 
