@@ -162,6 +162,26 @@ def test_engine_drops_its_kept_decoders_when_the_model_changes(trained_model_dir
     assert texts(engine.generate(items, params)) == expected
 
 
+def test_engine_does_not_reuse_a_decoder_after_an_adapter_is_injected_in_place(trained_model_dir):
+    # On a GPU a kept decoder replays a graph without the adapter's kernels; on the CPU the reuse would
+    # go unnoticed in the outputs, so the test checks that a new decoder is built.
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from utils.clean_model_loader import CleanModelLoader
+    from utils.generation import GenerationEngine, SamplingParams
+
+    model, tokenizer, _ = CleanModelLoader(str(trained_model_dir), run_sentinels=False).load()
+    engine = GenerationEngine(model, tokenizer, batch_size=2, show_progress=False, decode_loop="static")
+    items, params = [("a", "The weather today is"), ("b", "Three facts about cats:")], SamplingParams(0.0, 1.0, 1.0, 6)
+    engine.generate(items, params)
+    before = list(engine._decoders.values())
+    engine.generate(items, params)
+    assert list(engine._decoders.values()) == before  # same model, same shape: kept
+    inject_adapter_in_model(LoraConfig(r=2, target_modules="all-linear"), model)
+    engine.generate(items, params)
+    assert list(engine._decoders.values())[-1] not in before  # the most recently used one is new
+
+
 def test_decode_steps_use_grouped_attention_and_restore_the_model_setting():
     import utils.static_decode as static_decode
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

@@ -210,9 +210,10 @@ class GenerationEngine:
             texts = self.tokenizer.batch_decode(tails, skip_special_tokens=False)
             return {row for row, text in zip(rows, texts) if any(s in text for s in stop_strings)}
 
-        # The module count catches an adapter injected into the same model object in place; other
-        # in-place changes need release().
-        key = (id(self.model), sum(1 for _ in self.model.modules()), tuple(input_ids.shape), params.max_new_tokens,
+        # A new model object already released the kept decoders (the `model` setter); the module
+        # count catches an adapter injected into the same object in place. Other in-place changes
+        # need release().
+        key = (sum(1 for _ in self.model.modules()), tuple(input_ids.shape), params.max_new_tokens,
                params.temperature, params.top_p, params.repetition_penalty, tuple(sorted(enders)))
         decoder = self._decoders.pop(key, None)
         if decoder is None:

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from .clean_model_loader import encode_continuation, encode_prompt
 from .completion_prompts import CompletionStylePrompts
+from .static_decode import report_compile_failure
 
 __all__ = ["InstructionCritic"]
 
@@ -27,6 +28,8 @@ class InstructionCritic:
         if compile and model.device.type == "cuda":
             import torch
 
+            # Not the decoder's wrapper (dynamic=False): critic batches vary in width, and dynamo
+            # turns to dynamic shapes after the second one instead of compiling each.
             self.forward = torch.compile(model)
         self.tokenizer = tokenizer
         self.batch_size = max(1, batch_size)
@@ -109,8 +112,6 @@ class InstructionCritic:
         return out  # type: ignore[return-value]
 
     def _last_logits(self, input_ids, mask):
-        import torch
-
         # Only the last position is needed: logits_to_keep=1 avoids a (batch, len, vocab) tensor.
         run = lambda forward: forward(input_ids=input_ids, attention_mask=mask, logits_to_keep=1).logits[:, -1, :].float()
         if self.forward is self.model:
@@ -118,9 +119,7 @@ class InstructionCritic:
         try:
             return run(self.forward)
         except Exception as err:  # noqa: BLE001 - a compiler failure must not stop the scoring
-            if isinstance(err, torch.OutOfMemoryError):
-                raise
-            print(f"[critic] torch.compile failed, scoring uncompiled: {type(err).__name__}: {err}", flush=True)
+            report_compile_failure(err, "critic")
             self.forward = self.model
             return run(self.model)
 

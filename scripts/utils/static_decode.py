@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Callable
 
 __all__ = ["StaticDecoder", "supports_static_decode", "process_scores", "nucleus_keep_mask", "decode_attention",
-           "TOP_P_CANDIDATES"]
+           "report_compile_failure", "TOP_P_CANDIDATES"]
 
 TOP_P_CANDIDATES = 512
 
@@ -69,6 +69,17 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
 
 DECODE_ATTENTION = "stage1_decode"
 COMPILE_BACKEND = "inductor"
+
+
+def report_compile_failure(err: Exception, where: str) -> None:
+    """After a compiled call raised: out-of-memory goes on up (the engine halves its batch); anything
+    else is taken as a compiler failure (no Triton, no C++ toolchain), reported, and the caller
+    carries on uncompiled."""
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        raise err
+    print(f"[{where}] torch.compile failed, running uncompiled: {type(err).__name__}: {err}", flush=True)
 
 
 def _compiled(model):
@@ -301,12 +312,10 @@ class StaticDecoder:
         try:
             return self._eager_step()
         except Exception as err:  # noqa: BLE001 - a compiler failure must not lose the batch
-            if isinstance(err, self.torch.OutOfMemoryError):
-                raise  # the engine halves the batch
+            report_compile_failure(err, "static_decode")
             # Compilation fails before the step runs any kernel, so no state has moved yet.
             StaticDecoder.compile_failed = True
             self.compile_forward = False
-            print(f"[static_decode] torch.compile failed, decoding uncompiled: {type(err).__name__}: {err}", flush=True)
             return self._eager_step()
 
     def _prefill(self) -> None:
