@@ -219,7 +219,7 @@ class _NoEosTokenizer:
 def main(args) -> int:
     import torch
 
-    from utils.provenance import capture_environment, get_git_info, write_manifest_atomic
+    from utils.provenance_helper import capture_environment, get_git_info, write_manifest_atomic
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hw = measure_hardware(torch, device)

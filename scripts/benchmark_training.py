@@ -151,7 +151,7 @@ def main(args) -> int:
     import torch
 
     from utils import sft_training as sft
-    from utils.provenance import capture_environment, get_git_info, write_manifest_atomic
+    from utils.provenance_helper import capture_environment, get_git_info, write_manifest_atomic
 
     quantize = args.quantization == "4bit" or (args.quantization == "auto" and torch.cuda.is_available())
     rows = []

@@ -60,9 +60,9 @@ RULES = [
          [r"^\s*import\s+git\b", r"^\s*from\s+git\b", r"^\s*(?:import|from)\s+platform\b", r"(?<![.\w])platform\s*\.",
           r"\btorch\s*\.\s*version\s*\.\s*cuda\b", r"\bget_device_name\b", r"\bimportlib\s*\.\s*metadata\b",
           r"^\s*from\s+importlib\s+import\s+metadata\b", r"\bimportlib_metadata\b", r"\bpkg_resources\b"],
-         {U + "provenance.py": None}),
-    Rule("env-capture", "string", [r"\Agit(?:\s|\Z)"], {U + "provenance.py": None}),  # "git" / "git rev-parse"
-    Rule("env-capture", "shell", [r"(?:^|[;&|(`]|\$\()\s*git\s+[a-z]"], {U + "provenance.py": None}),
+         {U + "provenance_helper.py": None}),
+    Rule("env-capture", "string", [r"\Agit(?:\s|\Z)"], {U + "provenance_helper.py": None}),  # "git" / "git rev-parse"
+    Rule("env-capture", "shell", [r"(?:^|[;&|(`]|\$\()\s*git\s+[a-z]"], {U + "provenance_helper.py": None}),
 ]
 _STRING_TYPES = {tokenize.STRING} | {getattr(tokenize, n) for n in ("FSTRING_MIDDLE",) if hasattr(tokenize, n)}
 

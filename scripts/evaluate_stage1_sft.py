@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def read_adapter(adapter: Path) -> tuple[dict, dict | None, Path | None]:
     """(TRAINING_SUCCESS content, training manifest or None, its path); refuses without the marker."""
-    from utils.provenance import read_manifest, sha256_file
+    from utils.provenance_helper import read_manifest, sha256_file
 
     marker_path = adapter / "TRAINING_SUCCESS"
     if not marker_path.is_file():
@@ -91,7 +91,7 @@ def resolve_base_model(args, marker: dict, manifest: dict | None) -> str | None:
 
 
 def resolve_training_data(args, marker: dict, manifest: dict | None) -> tuple[Path, dict]:
-    from utils.provenance import sha256_file
+    from utils.provenance_helper import sha256_file
 
     recorded_sha = marker.get("dataset_sha256") or ((manifest or {}).get("dataset") or {}).get("sha256")
     path = args.training_data
@@ -160,7 +160,7 @@ def generate_responses(label, engine, records, path, params, generation_key) -> 
 def main(args: argparse.Namespace) -> int:
     marker, manifest, manifest_path = read_adapter(args.sft_checkpoint)  # exit 3 before anything heavy
     from utils import evaluation as ev
-    from utils.provenance import create_session_manifest, sha256_file, sha256_text, write_manifest_atomic
+    from utils.provenance_helper import create_session_manifest, sha256_file, sha256_text, write_manifest_atomic
 
     records = ev.load_test_records(args.test_set)
     base_model = resolve_base_model(args, marker, manifest)

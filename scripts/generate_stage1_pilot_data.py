@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> int:
     from utils.clean_model_loader import CleanModelLoader
     from utils.jsonl_io import write_jsonl_atomic
-    from utils.provenance import create_session_manifest, write_manifest_atomic
+    from utils.provenance_helper import create_session_manifest, write_manifest_atomic
     from utils.qc import format_qc_table
     from utils.stage1_generation import claim_output_dir, config_from_args, run_stage1_generation
 

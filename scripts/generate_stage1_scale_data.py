@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _gate(args) -> tuple[dict, object, dict]:
     """The pilot gate (exit 3), then the scale config: the pilot's parameters plus recorded overrides."""
-    from utils.provenance import require_upstream_manifest
+    from utils.provenance_helper import require_upstream_manifest
     from utils.stage1_generation import config_from_args, config_from_dict
 
     pilot = require_upstream_manifest(args.pilot_manifest, "scale: pilot")
@@ -111,7 +111,7 @@ def _shard_config(config, spec):
 
 def _run_shard(spec, config, overrides, args, load_model, launch) -> None:
     from utils.jsonl_io import write_jsonl_atomic
-    from utils.provenance import create_session_manifest, write_manifest_atomic
+    from utils.provenance_helper import create_session_manifest, write_manifest_atomic
     from utils.qc import format_qc_table
     from utils.sharding import exclusive_lock, shard_status
     from utils.stage1_generation import claim_output_dir, run_stage1_generation
@@ -150,7 +150,7 @@ def _run_shard(spec, config, overrides, args, load_model, launch) -> None:
 
 def _merge(args, specs, config, overrides, pilot) -> int:
     from utils.jsonl_io import write_jsonl_atomic
-    from utils.provenance import create_session_manifest, resolve_recorded_path, write_manifest_atomic
+    from utils.provenance_helper import create_session_manifest, resolve_recorded_path, write_manifest_atomic
     from utils.qc import format_qc_table
     from utils.sharding import exclusive_lock, merge_shards, merged_manifest_path, shards_root
 

@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     from utils.jsonl_io import write_jsonl_atomic
-    from utils.provenance import create_session_manifest, write_manifest_atomic
+    from utils.provenance_helper import create_session_manifest, write_manifest_atomic
     from utils.test_set import build_test_set, check_test_set
 
     records = build_test_set(count=args.count, seed=args.seed)

@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def gate(args) -> tuple[Path, dict]:
-    from utils.provenance import find_dataset_manifest, require_upstream_manifest
+    from utils.provenance_helper import find_dataset_manifest, require_upstream_manifest
 
     manifest_path = args.data_manifest or find_dataset_manifest(args.data)
     if manifest_path is None:
@@ -82,7 +82,7 @@ def gate(args) -> tuple[Path, dict]:
 
 def main(args: argparse.Namespace) -> int:
     manifest_path, data_manifest = gate(args)  # exit 3 before anything is loaded
-    from utils.provenance import (create_artifact_metadata, create_session_manifest, read_manifest, sha256_file,
+    from utils.provenance_helper import (create_artifact_metadata, create_session_manifest, read_manifest, sha256_file,
                                   write_manifest_atomic)
 
     data_sha = sha256_file(args.data)

@@ -56,16 +56,16 @@ PLANTS = {
         ("label = ' A'\n", 1, U + "completion_prompts.py"),
     ],
     "env-capture": [
-        ("import git\n", 1, U + "provenance.py"),
-        ("from git import Repo\n", 1, U + "provenance.py"),
-        ("import sys\nprint(platform.platform())\n", 2, U + "provenance.py"),
-        ("from platform import python_version\n", 1, U + "provenance.py"),
-        ("cuda = torch.version.cuda\n", 1, U + "provenance.py"),
-        ("name = torch.cuda.get_device_name(0)\n", 1, U + "provenance.py"),
-        ("from importlib import metadata\n", 1, U + "provenance.py"),
-        ("v = importlib.metadata.version('torch')\n", 1, U + "provenance.py"),
-        ("out = subprocess.check_output(['git', 'rev-parse', 'HEAD'])\n", 1, U + "provenance.py"),
-        ("out = subprocess.run('git status', shell=True)\n", 1, U + "provenance.py"),
+        ("import git\n", 1, U + "provenance_helper.py"),
+        ("from git import Repo\n", 1, U + "provenance_helper.py"),
+        ("import sys\nprint(platform.platform())\n", 2, U + "provenance_helper.py"),
+        ("from platform import python_version\n", 1, U + "provenance_helper.py"),
+        ("cuda = torch.version.cuda\n", 1, U + "provenance_helper.py"),
+        ("name = torch.cuda.get_device_name(0)\n", 1, U + "provenance_helper.py"),
+        ("from importlib import metadata\n", 1, U + "provenance_helper.py"),
+        ("v = importlib.metadata.version('torch')\n", 1, U + "provenance_helper.py"),
+        ("out = subprocess.check_output(['git', 'rev-parse', 'HEAD'])\n", 1, U + "provenance_helper.py"),
+        ("out = subprocess.run('git status', shell=True)\n", 1, U + "provenance_helper.py"),
     ],
 }
 CASES = [(rule, *case) for rule, cases in PLANTS.items() for case in cases]
@@ -127,10 +127,10 @@ def test_loader_may_only_remove_the_template(tmp_path):
 
 
 def test_allowed_module_still_flagged_for_other_rules(tmp_path):
-    plant(tmp_path, U + "provenance.py", "import git\nlp = torch.log_softmax(x, -1)\n")
+    plant(tmp_path, U + "provenance_helper.py", "import git\nlp = torch.log_softmax(x, -1)\n")
     result = run_check("--root", str(tmp_path))
     assert result.returncode == 1
-    assert f"{U}provenance.py:2: critic-logsoftmax" in result.stdout
+    assert f"{U}provenance_helper.py:2: critic-logsoftmax" in result.stdout
     assert "env-capture" not in result.stdout
 
 

@@ -128,7 +128,7 @@ def workspace(tmp_path_factory):
     from tiny_models import build_tiny_model
 
     from utils.clean_model_loader import CleanModelLoader
-    from utils.provenance import create_artifact_metadata, create_session_manifest, sha256_file, write_manifest_atomic
+    from utils.provenance_helper import create_artifact_metadata, create_session_manifest, sha256_file, write_manifest_atomic
     from utils.test_set import build_test_set
 
     root = tmp_path_factory.mktemp("eval")
@@ -214,7 +214,7 @@ def test_end_to_end_outputs_unscored_resume_and_gate(workspace, tmp_path):
     assert stats["overall"]["mcnemar"]["method"] in ("exact_binomial", "chi2_continuity_corrected")
     assert results["gate"]["passed"] is False and results["contamination"]["found"] is False
     assert results["decoding"]["temperature"] == 0.0 and results["decoding"]["max_new_tokens"] == 12
-    from utils.provenance import sha256_file
+    from utils.provenance_helper import sha256_file
 
     sft_info = results["models"]["sft"]
     assert sft_info["adapter_weights_sha256"] == sha256_file(workspace["adapter"] / "adapter_model.safetensors")

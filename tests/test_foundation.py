@@ -20,7 +20,7 @@ from utils.clean_model_loader import (CleanModelLoader, ContaminationError, Inst
                                       looks_assistant_style)
 from utils.exit_codes import BadInputError, RefusedError
 from utils.jsonl_io import JsonlAppender, iter_jsonl, read_jsonl, repair_torn_tail, write_jsonl_atomic
-from utils.provenance import (capture_environment, create_session_manifest, get_git_info, read_manifest,
+from utils.provenance_helper import (capture_environment, create_session_manifest, get_git_info, read_manifest,
                               require_upstream_manifest, sha256_file, write_manifest_atomic)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ def _lines(path):
 
 
 def _sha(path):
-    from utils.provenance import sha256_file
+    from utils.provenance_helper import sha256_file
 
     return sha256_file(path)
 
@@ -189,7 +189,7 @@ def test_complete_shards_are_skipped_without_loading_a_model(scale_run, monkeypa
 
 
 def test_merge_is_deterministic_and_passes_the_training_gate(scale_run):
-    from utils.provenance import find_dataset_manifest, require_upstream_manifest
+    from utils.provenance_helper import find_dataset_manifest, require_upstream_manifest
 
     output = scale_run["output"]
     first = output.read_bytes()
@@ -302,7 +302,7 @@ def test_merge_refuses_shards_from_different_models(scale_run, tmp_path):
 
 # -- torchrun ---------------------------------------------------------------------------------------
 def test_torchrun_two_cpu_ranks_split_shards_and_merge_once(pilot_manifest, tmp_path):
-    from utils.provenance import require_upstream_manifest
+    from utils.provenance_helper import require_upstream_manifest
 
     output = tmp_path / "data.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

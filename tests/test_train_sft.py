@@ -31,7 +31,7 @@ def _one_thread():
 
 
 def write_dataset(folder: Path, n: int = 10, passed: bool = True, records=None, vouch_for: Path | None = None) -> Path:
-    from utils.provenance import sha256_file, write_manifest_atomic
+    from utils.provenance_helper import sha256_file, write_manifest_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "sft.jsonl"
@@ -72,7 +72,7 @@ def test_end_to_end_4bit_subprocess_and_adapter_changes_logits(tmp_path, tiny_mo
     assert proc.returncode == 0, proc.stderr[-3000:]
     marker = json.loads((out / "final_adapter" / "TRAINING_SUCCESS").read_text())
     manifest = json.loads((out / "training_manifest.json").read_text())
-    from utils.provenance import sha256_file
+    from utils.provenance_helper import sha256_file
 
     assert marker["dataset_sha256"] == sha256_file(data) == manifest["dataset"]["sha256"]
     assert marker["data_manifest"].endswith("sft.manifest.json") and marker["quantization"] == "4bit"
@@ -205,7 +205,7 @@ def test_gate_refuses_before_loading_a_model(tmp_path, case, capsys):
 
 @pytest.mark.parametrize("content,needle", [("", "empty dataset"), ('{"id": "a", "instruction": "Hi."}\n', ":1: missing field(s) response")])
 def test_bad_data_exits_2_naming_file_and_line(tmp_path, content, needle, capsys):
-    from utils.provenance import sha256_file, write_manifest_atomic
+    from utils.provenance_helper import sha256_file, write_manifest_atomic
 
     data = tmp_path / "sft.jsonl"
     data.write_text(content)
@@ -238,7 +238,7 @@ def test_sigterm_saves_checkpoint_then_resume_continues_from_it(tmp_path, tiny_m
 
 
 def test_resume_refuses_a_different_dataset(tmp_path, tiny_model_dir, capsys):
-    from utils.provenance import write_manifest_atomic
+    from utils.provenance_helper import write_manifest_atomic
 
     data = write_dataset(tmp_path / "data")
     out = tmp_path / "out"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .exit_codes import BadInputError
-from .provenance import sha256_file, sha256_text
+from .provenance_helper import sha256_file, sha256_text
 
 __all__ = [
     "CleanModelLoader",

@@ -31,30 +31,17 @@ from pathlib import Path
 from .dedup import NearDuplicateIndex
 from .exit_codes import BadInputError, RefusedError
 from .jsonl_io import read_jsonl
-from .provenance import read_manifest, sha256_file
+from .provenance_helper import model_identity, read_manifest, same_model, sha256_file
 from .qc import compute_qc
 from .stage1_generation import PHASE_FILES
 
 __all__ = ["SHARD_SEED_STRIDE", "ShardSpec", "Launch", "shard_seed", "shards_root", "plan_shards", "launch_from_env",
            "select_shards", "shard_status", "exclusive_lock", "wait_for_shards", "merge_records", "sum_phase_counts",
-           "merge_shards", "merged_manifest_path", "MODEL_IDENTITY_KEYS", "model_identity"]
+           "merge_shards", "merged_manifest_path"]
 
 SHARD_SEED_STRIDE = 1000
 SHARD_MANIFEST = "shard_manifest.json"
 SHARD_DATA = "sft_data.jsonl"
-MODEL_IDENTITY_KEYS = ("source", "file_sha256", "weights_fingerprint", "revision", "tokenizer_sha256")
-
-
-def model_identity(provenance: dict | None) -> dict:
-    """What makes two loads the same model: content hashes (a local folder's path may differ
-    between nodes); a hub id only where no content hash exists."""
-    provenance = provenance or {}
-    ident = {k: provenance.get(k) for k in MODEL_IDENTITY_KEYS}
-    if not (ident["file_sha256"] or ident["weights_fingerprint"]):
-        ident["model_id"] = provenance.get("model_id")
-    return ident
-
-
 @dataclass(frozen=True)
 class ShardSpec:
     index: int
@@ -249,7 +236,7 @@ def merge_shards(specs: list[ShardSpec], count: int, expected_configs: dict[int,
             raise RefusedError(f"cannot merge: shard {spec.index} was made with a different configuration (differs in: {', '.join(diff)}); "
                                "merge with the flags that made the shards")
         ident = model_identity(manifest.get("model_provenance"))
-        if identity is not None and ident != identity:
+        if identity is not None and not same_model(ident, identity):
             raise RefusedError(f"cannot merge: shard {spec.index} was made by a different model ({ident}) than shard {specs[0].index} ({identity})")
         identity = ident
     data = [read_jsonl(s.data_path, ["id", "instruction", "response"]) for s in specs]

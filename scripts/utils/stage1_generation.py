@@ -297,7 +297,7 @@ def claim_output_dir(out_dir: Path, run_identity: dict) -> bool:
     import json
 
     from .exit_codes import BadInputError
-    from .provenance import write_manifest_atomic
+    from .provenance_helper import write_manifest_atomic
 
     out_dir = Path(out_dir)
     path = out_dir / "run_config.json"

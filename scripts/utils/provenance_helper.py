@@ -24,6 +24,9 @@ __all__ = [
     "sha256_text",
     "get_git_info",
     "capture_environment",
+    "MODEL_IDENTITY_KEYS",
+    "model_identity",
+    "same_model",
     "create_artifact_metadata",
     "create_session_manifest",
     "write_manifest_atomic",
@@ -106,6 +109,32 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+MODEL_IDENTITY_KEYS = ("file_sha256", "weights_fingerprint", "revision", "tokenizer_sha256")
+
+
+def model_identity(provenance: dict | None) -> dict:
+    """What makes two loads "the same model", decided from the loader's provenance alone.
+
+    Content hashes, never the name it was given: a symlink repointed at other weights is another
+    model, and the same folder reached by a relative or absolute path is the same one. A hub id
+    counts only where no content hash exists. `source` and `model_id` ride along for messages
+    and for finding the model again; `same_model` ignores them.
+    """
+    provenance = provenance or {}
+    identity = {key: provenance.get(key) for key in MODEL_IDENTITY_KEYS}
+    identity["source"] = provenance.get("source")
+    identity["model_id"] = provenance.get("model_id")
+    return identity
+
+
+def same_model(a: dict | None, b: dict | None) -> bool:
+    """True when two `model_identity` dicts (or raw provenances) name the same weights and tokenizer."""
+    a, b = model_identity(a), model_identity(b)
+    if a["file_sha256"] or a["weights_fingerprint"] or b["file_sha256"] or b["weights_fingerprint"]:
+        return all(a[key] == b[key] for key in MODEL_IDENTITY_KEYS)
+    return (a["model_id"], a["revision"], a["tokenizer_sha256"]) == (b["model_id"], b["revision"], b["tokenizer_sha256"])
+
+
 def create_artifact_metadata(artifact_type: str, script_name: str, model_name: str | None = None,
                              loader_provenance: dict | None = None, **extra: Any) -> dict:
     """Metadata stored with one artifact (a record, an adapter): who made it, from what."""
@@ -117,7 +146,7 @@ def create_artifact_metadata(artifact_type: str, script_name: str, model_name: s
         **get_git_info(),
     }
     if loader_provenance is not None:
-        meta["model_identity"] = {k: loader_provenance.get(k) for k in ("source", "model_id", "file_sha256", "weights_fingerprint", "revision", "tokenizer_sha256")}
+        meta["model_identity"] = model_identity(loader_provenance)
     meta.update(extra)
     return meta
 

@@ -1,0 +1,94 @@
+"""Range checks for numeric flags and for the same values when they are read back from a manifest.
+
+One table of allowed ranges serves both: argparse `type=` functions (a bad flag exits 2 with
+argparse's own "argument --flag: ..." line) and `check_values` for values an upstream manifest
+hands to a later stage (a bad value there exits 2 naming the manifest and the field).
+
+    parser.add_argument("--top-p", type=in_range(float, 0, 1, low_open=True), ...)
+    check_values({"response_top_p": 2.0}, RANGES, source="artifacts/pilot/session_manifest.json")
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+from .exit_codes import BadInputError
+
+__all__ = ["Range", "in_range", "positive_int", "non_negative_int", "positive_float", "probability",
+           "check_value", "check_values"]
+
+
+@dataclass(frozen=True)
+class Range:
+    """kind in [low, high]; an open end excludes its bound; None leaves that side unbounded."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def describe(self) -> str:
+        name = "an integer" if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            return f"{name} in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{name} {'>' if self.low_open else '>='} {self.low}"
+        if self.high is not None:
+            return f"{name} {'<' if self.high_open else '<='} {self.high}"
+        return name
+
+    def problem(self, value) -> str | None:
+        """Why `value` is not allowed, or None when it is."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"got {value!r}, expected {self.describe()}"
+        if self.kind is int and (isinstance(value, float) and not value.is_integer()):
+            return f"got {value!r}, expected {self.describe()}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"got {value!r}, expected a finite {self.describe()}"
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return f"got {value!r}, expected {self.describe()}"
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return f"got {value!r}, expected {self.describe()}"
+        return None
+
+    def __call__(self, text: str):
+        """argparse `type=`: parse, then check (argparse turns the error into exit 2 naming the flag)."""
+        try:
+            value = self.kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {self.describe()}") from None
+        problem = self.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    @property
+    def __name__(self) -> str:  # argparse names the type in some messages
+        return self.describe()
+
+
+def in_range(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+             high_open: bool = False) -> Range:
+    return Range(kind, low, high, low_open, high_open)
+
+
+positive_int = Range(int, 1)
+non_negative_int = Range(int, 0)
+positive_float = Range(float, 0, low_open=True)
+probability = Range(float, 0, 1)
+
+
+def check_value(name: str, value, allowed: Range, source: str) -> None:
+    problem = allowed.problem(value)
+    if problem:
+        raise BadInputError(f"{source}: {name}: {problem}")
+
+
+def check_values(values: dict, ranges: dict[str, Range], source: str) -> None:
+    """Check every `values[name]` that has a range (missing names are not checked)."""
+    for name, allowed in ranges.items():
+        if name in values and values[name] is not None:
+            check_value(name, values[name], allowed, source)
