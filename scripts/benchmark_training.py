@@ -135,10 +135,11 @@ def measure(model, tokenizer, examples: list[dict], label: str, args, checkpoint
     from utils import sft_training as sft
 
     options = CONFIGURATIONS[label]
-    config = sft.build_sft_config(args.scratch_dir / f"trainer_{label}", epochs=1, lr=2e-4, batch_size=args.batch_size,
-                                  grad_accum=1, max_steps=args.steps, save_steps=10 ** 9, logging_steps=1, seed=0,
-                                  max_seq_length=args.max_seq_length, has_eval=False, gradient_checkpointing=checkpointing,
-                                  **options)
+    settings = argparse.Namespace(epochs=1, lr=2e-4, per_device_batch_size=args.batch_size, grad_accum=1,
+                                  max_steps=args.steps, save_steps=10 ** 9, save_total_limit=None, logging_steps=1, seed=0,
+                                  max_seq_length=args.max_seq_length, packing=options["packing"])
+    config = sft.build_sft_config(settings, args.scratch_dir / f"trainer_{label}", padding_free=options["padding_free"],
+                                  has_eval=False, gradient_checkpointing=checkpointing)
     clock = _Clock(args.warmup_steps)
     trainer = sft.build_trainer(model, tokenizer, examples, [], config, sft.make_lora_config(), [clock.callback])
     trainer.train()

@@ -9,11 +9,14 @@ record to <output>/base_responses.jsonl and sft_responses.jsonl; a rerun skips i
 (and refuses, exit 2, a file written with another model, adapter, prompt or decoding). Then
 evaluation_summary.txt, success_rates.png and, last and atomically, evaluation_results.json.
 
-Exit codes: 3 without final_adapter/TRAINING_SUCCESS (or when the adapter, its base model or the
-recorded training data no longer match the training records); 2 on a bad test set or training
-file (file:line named); 0 when the overall McNemar p < --alpha with the SFT model ahead and no
-train/test contamination; otherwise 4 (results still written), e.g. with test instructions found in
-the SFT training data unless --allow-contamination (the overlaps are listed either way).
+Exit codes: 3 without final_adapter/TRAINING_SUCCESS, or when an adapter file differs from the sha256
+the marker records, the marker or training manifest is malformed, or the base model or the recorded
+training data no longer match the training records; 2 on a bad flag, an --output that is a file, a
+bad test set or training file (file:line named), or a test prompt too long for --max-instruction-chars
+or for the model's context (refused before anything is generated); 0 when the overall McNemar
+p < --alpha with the SFT model ahead and no train/test contamination; otherwise 4 (results still
+written), e.g. with test instructions found in the SFT training data unless --allow-contamination
+(the overlaps are listed either way).
 """
 
 from __future__ import annotations
@@ -21,15 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from utils.exit_codes import EXIT_GATE_FAILED, EXIT_OK, BadInputError, RefusedError, run_cli  # noqa: E402
+from utils.cli_validation import in_range, positive_int  # noqa: E402
+from utils.exit_codes import EXIT_GATE_FAILED, EXIT_OK, run_cli  # noqa: E402
 
-IDENTITY_KEYS = ("source", "model_id", "file_sha256", "weights_fingerprint", "tokenizer_sha256")
+# 25x the 4k-token prompts of common benchmarks: an instruction this long is a broken file, and
+# tokenizing megabytes of it would cost more than the check is worth.
+MAX_INSTRUCTION_CHARS = 100_000
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,190 +48,128 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--base-model", default=None, help="base model (default: the one the adapter was trained on, from its manifest)")
     add("--training-data", type=Path, default=None, help="SFT data for the contamination check (default: the recorded one)")
     add("--allow-contamination", action="store_true", help="list train/test overlaps but do not fail the gate on them")
-    add("--batch-size", type=int, default=32, help="sequences per generation batch (halved on out-of-memory)")
-    add("--max-new-tokens", type=int, default=80, help="tokens generated per response")
-    add("--dtype", default=None, help="torch dtype for the model (default bfloat16 on CUDA, float32 on CPU)")
-    add("--alpha", type=float, default=0.01, help="significance level of the gate (and of the BH correction)")
+    add("--batch-size", type=positive_int, default=32, help="sequences per generation batch (halved on out-of-memory)")
+    add("--max-new-tokens", type=positive_int, default=80, help="tokens generated per response")
+    add("--max-instruction-chars", type=positive_int, default=MAX_INSTRUCTION_CHARS,
+        help="refuse (exit 2, file:line) a test instruction longer than this, before any model loads")
+    add("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+        help="torch dtype for the model (default bfloat16 on CUDA, float32 on CPU)")
+    add("--alpha", type=in_range(float, 0, 1, low_open=True, high_open=True), default=0.01,
+        help="significance level of the gate (and of the BH correction)")
     add("--allow-instruct-model", action="store_true", help="override the loader's instruct-model refusal (recorded)")
     add("--no-progress", action="store_true", help="hide progress bars")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.max_new_tokens < 1 or not 0 < args.alpha < 1:
-        raise BadInputError("--batch-size and --max-new-tokens must be >= 1 and --alpha in (0, 1)")
-    return args
+    return parser.parse_args(argv)
 
 
-def read_adapter(adapter: Path) -> tuple[dict, dict | None, Path | None]:
-    """(TRAINING_SUCCESS content, training manifest or None, its path); refuses without the marker."""
-    from utils.provenance_helper import read_manifest, sha256_file
+@dataclass
+class Inputs:
+    """Everything checked before a model is loaded."""
 
-    marker_path = adapter / "TRAINING_SUCCESS"
-    if not marker_path.is_file():
-        raise RefusedError(f"{adapter}: no TRAINING_SUCCESS marker, so training did not finish there (or this is "
-                           "not an adapter folder); run train_stage1_sft.py or pass --sft-checkpoint")
-    try:
-        marker = read_manifest(marker_path)
-    except (OSError, ValueError) as err:
-        raise RefusedError(f"{marker_path}: unreadable TRAINING_SUCCESS marker ({err})") from None
-    candidates = [Path(marker["training_manifest"])] if marker.get("training_manifest") else []
-    manifest_path = next((p for p in candidates + [adapter.parent / "training_manifest.json"] if p.is_file()), None)
-    manifest = read_manifest(manifest_path) if manifest_path else None
-    recorded = ((manifest or {}).get("outputs") or {}).get("adapter_weights", {}).get("sha256")
-    weights = adapter / "adapter_model.safetensors"
-    if recorded and weights.is_file() and sha256_file(weights) != recorded:
-        raise RefusedError(f"{weights} changed since {manifest_path} was written (sha256 differs)")
-    return marker, manifest, manifest_path
+    adapter: object  # utils.evaluation.TrainedAdapter
+    records: list[dict]
+    base_model: str | None
+    training_path: Path
+    training_info: dict
+    contamination: dict
 
 
-def resolve_base_model(args, marker: dict, manifest: dict | None) -> str | None:
-    if args.base_model is not None:
-        return args.base_model
-    if manifest is not None and "model" in manifest.get("args", {}):
-        return manifest["args"]["model"]  # None = the bundled model
-    identity = marker.get("model_identity") or {}
-    if identity.get("source") == "bundled":
-        return None
-    if identity.get("source") in ("local", "hub") and identity.get("model_id"):
-        return identity["model_id"]
-    raise RefusedError(f"{args.sft_checkpoint}: cannot tell which base model the adapter was trained on (no training "
-                       "manifest); pass --base-model")
-
-
-def resolve_training_data(args, marker: dict, manifest: dict | None) -> tuple[Path, dict]:
-    from utils.provenance_helper import sha256_file
-
-    recorded_sha = marker.get("dataset_sha256") or ((manifest or {}).get("dataset") or {}).get("sha256")
-    path = args.training_data
-    if path is None:
-        recorded = marker.get("dataset_path") or ((manifest or {}).get("dataset") or {}).get("path")
-        if not recorded or not Path(recorded).is_file():
-            raise RefusedError(f"the SFT training data recorded for the adapter ({recorded}) is not here, so the "
-                               "contamination check cannot run; pass --training-data")
-        path = Path(recorded)
-    elif not path.is_file():
-        raise BadInputError(f"--training-data {path}: file not found")
-    sha = sha256_file(path)
-    if args.training_data is None and recorded_sha and sha != recorded_sha:
-        raise RefusedError(f"{path} changed since the adapter was trained on it (sha256 {sha[:12]}... != {recorded_sha[:12]}...)")
-    if recorded_sha and sha != recorded_sha:
-        print(f"[eval] warning: --training-data {path} is not the file the adapter was trained on (sha256 differs)", file=sys.stderr)
-    return path, {"path": str(path), "sha256": sha, "recorded_sha256": recorded_sha, "matches_recorded": sha == recorded_sha}
-
-
-def check_base_identity(provenance: dict, marker: dict) -> dict:
-    """Refuse an adapter on a base model whose recorded identity (hashes) differs from the loaded one."""
-    trained = marker.get("model_identity") or {}
-    compared = {k: (trained.get(k), provenance.get(k)) for k in ("file_sha256", "weights_fingerprint", "tokenizer_sha256")
-                if trained.get(k) and provenance.get(k)}
-    differing = [k for k, (a, b) in compared.items() if a != b]
-    if differing:
-        raise RefusedError(f"the base model loaded ({provenance.get('model_id')}) is not the one the adapter was trained on "
-                           f"({trained.get('model_id')}): {', '.join(differing)} differ")
-    return {"compared": sorted(compared), "matches": True}
-
-
-def generate_responses(label, engine, records, path, params, generation_key) -> dict:
-    """Append `label` responses for records not yet in `path`; refuses a file made with other settings."""
-    from utils.completion_prompts import CompletionStylePrompts as P
-    from utils.jsonl_io import JsonlAppender
-    from utils.test_set import score_response
-
-    by_id = {r["id"]: r for r in records}
-    start = time.time()
-    with JsonlAppender(path) as appender:
-        for row in appender.records:
-            record = by_id.get(row.get("id"))
-            if record is not None and (row.get("generation_key") != generation_key or row.get("instruction") != record["instruction"]):
-                raise BadInputError(f"{path}: holds a {label} response for {row['id']!r} made with another model, adapter, "
-                                    "prompt, decoding or instruction; use another --output or delete that file")
-        pending = [r for r in records if r["id"] not in appender]
-        print(f"[eval] {label}: {len(records) - len(pending)} of {len(records)} responses already on disk, "
-              f"{len(pending)} to generate", flush=True)
-
-        def save(result):
-            record = by_id[result.key]
-            cleaned = P.clean_response(result.text)
-            appender.append({"id": record["id"], "type": record.get("type"), "instruction": record["instruction"],
-                             "model": label, "prompt_version": P.versions["response"], "generation_key": generation_key,
-                             "raw_output": result.text, "response": cleaned.text, "was_cut": cleaned.was_cut,
-                             "finish_reason": result.finish_reason, "n_generated_tokens": result.n_generated_tokens,
-                             "score": score_response(record, cleaned.text)})
-
-        items = [(r["id"], P.create_response_prompt(r["instruction"])) for r in pending]
-        engine.generate(items, params, P.response_stop_strings(), on_result=save, description=f"{label} responses")
-        rows = {row["id"]: row for row in appender.records if row["id"] in by_id}
-    return {"rows": rows, "generated_now": len(pending), "seconds": round(time.time() - start, 2),
-            "finish_reasons": dict(Counter(rows[r["id"]]["finish_reason"] for r in records))}
-
-
-def main(args: argparse.Namespace) -> int:
-    marker, manifest, manifest_path = read_adapter(args.sft_checkpoint)  # exit 3 before anything heavy
+def read_inputs(args) -> Inputs:
+    """Output folder, adapter (exit 3), test set (exit 2) and the contamination check: no model yet."""
     from utils import evaluation as ev
-    from utils.provenance_helper import create_session_manifest, sha256_file, sha256_text, write_manifest_atomic
 
-    records = ev.load_test_records(args.test_set)
-    base_model = resolve_base_model(args, marker, manifest)
-    training_path, training_info = resolve_training_data(args, marker, manifest)
+    ev.check_output_folder(args.output)
+    adapter = ev.read_adapter(args.sft_checkpoint)
+    records = ev.load_test_records(args.test_set, args.max_instruction_chars)
+    training_path, training_info = ev.resolve_training_data(args.training_data, adapter)
     contamination = ev.check_contamination(records, ev.load_training_instructions(training_path))
     print(f"[eval] {len(records)} test records; contamination: {contamination['n_contaminated']} overlapping "
           f"instruction(s) {contamination['by_kind']}", flush=True)
+    return Inputs(adapter, records, ev.resolve_base_model(args.base_model, adapter), training_path, training_info,
+                  contamination)
 
+
+def load_base_model(args, inputs: Inputs):
+    """The base model, refused (exit 3) unless it is the one the adapter was trained on, and its
+    prompts checked against its context (exit 2) before anything is generated."""
+    from utils import evaluation as ev
     from utils.clean_model_loader import CleanModelLoader
+
+    model, tokenizer, provenance = CleanModelLoader(inputs.base_model, dtype=args.dtype,
+                                                    allow_instruct_model=args.allow_instruct_model).load()
+    checks = {"base_identity": ev.check_base_identity(provenance, inputs.adapter.marker),
+              "prompt_lengths": ev.check_prompt_lengths(inputs.records, tokenizer, model, args.max_new_tokens, args.test_set)}
+    return model, tokenizer, provenance, checks
+
+
+def generate_both(args, model, tokenizer, provenance: dict, inputs: Inputs) -> tuple[dict, dict]:
+    """Base responses, then the adapter's on the same loaded model; ({"base", "sft"}, decoding)."""
+    from utils import evaluation as ev
     from utils.completion_prompts import CompletionStylePrompts as P
     from utils.generation import GenerationEngine, SamplingParams
+    from utils.provenance_helper import sha256_text
     from utils.sft_training import load_adapter
 
-    model, tokenizer, provenance = CleanModelLoader(base_model, dtype=args.dtype,
-                                                    allow_instruct_model=args.allow_instruct_model).load()
-    identity_check = check_base_identity(provenance, marker)
     params = SamplingParams(temperature=0.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=args.max_new_tokens)
-    adapter_files = {p.name: sha256_file(p) for p in sorted(args.sft_checkpoint.iterdir()) if p.is_file()}
     decoding = {**params.as_dict(), "greedy": True, "stop_strings": P.response_stop_strings(),
                 "prompt_version": P.versions["response"], "dtype": provenance.get("dtype")}
-    base_identity = {k: provenance.get(k) for k in IDENTITY_KEYS}
-    base_key = sha256_text(json.dumps({"base": base_identity, **decoding}, sort_keys=True))[:16]
-    sft_key = sha256_text(json.dumps({"base": base_identity, "adapter": adapter_files, **decoding}, sort_keys=True))[:16]
+    base_key = {"base": ev.model_key(provenance), **decoding}
+    keys = {"base": base_key, "sft": {**base_key, "adapter": inputs.adapter.files_sha256}}
+    keys = {side: sha256_text(json.dumps(key, sort_keys=True))[:16] for side, key in keys.items()}
     args.output.mkdir(parents=True, exist_ok=True)
-    paths = {name: args.output / f"{name}.jsonl" for name in ("base_responses", "sft_responses")}
     engine = GenerationEngine(model, tokenizer, batch_size=args.batch_size, seed=0, show_progress=not args.no_progress)
-    base = generate_responses("base", engine, records, paths["base_responses"], params, base_key)
-    engine.model = load_adapter(model, args.sft_checkpoint)
-    sft = generate_responses("sft", engine, records, paths["sft_responses"], params, sft_key)
+    responses = {"base": ev.generate_responses("base", engine, inputs.records, args.output / "base_responses.jsonl",
+                                               params, keys["base"])}
+    engine.model = load_adapter(model, inputs.adapter.path)
+    responses["sft"] = ev.generate_responses("sft", engine, inputs.records, args.output / "sft_responses.jsonl",
+                                             params, keys["sft"])
+    return responses, decoding
 
-    from utils.test_set import score_response
 
-    pairs = []
-    for record in records:  # rescored from the saved cleaned responses, so resumed rows use this code too
-        b, s = (score_response(record, side["rows"][record["id"]]["response"]) for side in (base, sft))
-        pairs.append({"id": record["id"], "type": record.get("type"), "scored": b["scored"] and s["scored"],
-                      "base_success": bool(b["success"]), "sft_success": bool(s["success"])})
+def write_results(args, inputs: Inputs, provenance: dict, checks: dict, responses: dict, decoding: dict) -> dict:
+    """Statistics, the gate, the summary, the plot and, last, evaluation_results.json."""
+    from utils import evaluation as ev
+    from utils.completion_prompts import CompletionStylePrompts as P
+    from utils.provenance_helper import create_session_manifest, sha256_file, write_manifest_atomic
+
+    records, adapter = inputs.records, inputs.adapter
+    pairs = ev.score_pairs(records, responses["base"]["rows"], responses["sft"]["rows"])
     statistics = ev.paired_statistics(pairs, alpha=args.alpha)
-    gate = ev.gate_decision(statistics, contamination, args.alpha, args.allow_contamination)
+    gate = ev.gate_decision(statistics, inputs.contamination, args.alpha, args.allow_contamination)
     header = [f"Stage 1 SFT evaluation: {provenance.get('model_id')} vs + adapter {args.sft_checkpoint}",
               f"test set {args.test_set} ({len(records)} records, {statistics['n_scored']} scored); greedy, "
               f"max_new_tokens {args.max_new_tokens}, prompt {P.versions['response']}"]
-    summary = ev.format_summary(statistics, gate, contamination, header)
+    summary = ev.format_summary(statistics, gate, inputs.contamination, header)
+    paths = {name: args.output / f"{name}.jsonl" for name in ("base_responses", "sft_responses")}
     paths["summary"] = args.output / "evaluation_summary.txt"
     paths["summary"].write_text(summary, encoding="utf-8")
     paths["plot"] = ev.plot_success_rates(statistics, args.output / "success_rates.png",
                                           title=f"base vs SFT adapter ({provenance.get('model_id')})")
-    type_counts = Counter(str(r.get("type") or "(none)") for r in records)
     results = create_session_manifest(
-        "evaluate_sft", {**vars(args), "base_model_resolved": base_model},
-        inputs={"test_set": args.test_set, "training_data": training_path},
-        outputs=paths, gate=gate, statistics=statistics, contamination=contamination,
+        "evaluate_sft", {**vars(args), "base_model_resolved": inputs.base_model},
+        inputs={"test_set": args.test_set, "training_data": inputs.training_path},
+        outputs=paths, gate=gate, statistics=statistics, contamination=inputs.contamination,
         test_set={"path": str(args.test_set), "sha256": sha256_file(args.test_set), "n_records": len(records),
-                  "counts_by_type": dict(type_counts)},
-        models={"base": {"requested": base_model, "provenance": provenance},
-                "sft": {"adapter_path": str(args.sft_checkpoint),
-                        "adapter_weights_sha256": adapter_files.get("adapter_model.safetensors"),
-                        "adapter_files_sha256": adapter_files, "training_success": marker,
-                        "training_manifest": str(manifest_path) if manifest_path else None,
-                        "base_identity_check": identity_check}},
-        training_data=training_info, decoding={**decoding, "batch_size": args.batch_size, "seed": 0},
-        generation={side: {k: v for k, v in info.items() if k != "rows"} for side, info in (("base", base), ("sft", sft))})
+                  "counts_by_type": dict(Counter(str(r.get("type") or "(none)") for r in records)),
+                  "prompt_lengths": checks["prompt_lengths"]},
+        models={"base": {"requested": inputs.base_model, "provenance": provenance},
+                "sft": {"adapter_path": str(adapter.path),
+                        "adapter_weights_sha256": adapter.files_sha256.get("adapter_model.safetensors"),
+                        "adapter_files_sha256": adapter.files_sha256, "training_success": adapter.marker,
+                        "training_manifest": str(adapter.manifest_path) if adapter.manifest_path else None,
+                        "base_identity_check": checks["base_identity"]}},
+        training_data=inputs.training_info, decoding={**decoding, "batch_size": args.batch_size, "seed": 0},
+        generation={side: {k: v for k, v in info.items() if k != "rows"} for side, info in responses.items()})
     write_manifest_atomic(args.output / "evaluation_results.json", results)
     print(summary, end="")
     print(f"[eval] results in {args.output}", flush=True)
+    return gate
+
+
+def main(args: argparse.Namespace) -> int:
+    inputs = read_inputs(args)  # exit 2/3 before any model is loaded
+    model, tokenizer, provenance, checks = load_base_model(args, inputs)
+    responses, decoding = generate_both(args, model, tokenizer, provenance, inputs)
+    gate = write_results(args, inputs, provenance, checks, responses, decoding)
     return EXIT_OK if gate["passed"] else EXIT_GATE_FAILED
 
 

@@ -1,71 +1,67 @@
 """Stage 1 pilot: generate 100-200 instruction/response pairs from the base model alone, gated by QC.
 
-    python scripts/generate_stage1_pilot_data.py --count 100 --seed 42 --output artifacts/pilot
+    python scripts/generate_stage1_pilot_data.py --count 200 --seed 42 --output artifacts/pilot
 
 Phases: new instructions from few-shot numbered lists; pre-filters, duplicate removal and the A/B
 instruction critic; responses in completion form; the A/B pair critic; QC. Outputs in --output:
 sft_data.jsonl (accepted pairs), one JSONL per phase, and session_manifest.json (written last).
-Exit 0 when QC passed, 4 when it failed (the manifest says why). Rerun the same command to resume.
+Settings: Stage1Config's defaults (the source's), then the model's named calibration (--calibration;
+`auto` picks it by the loaded model's file sha256: gemma-3-270m for the bundled model, the source's
+values for any other), then any flag, recorded as an override; the manifest records all three.
+Exit 0 when QC passed, 4 when it failed (the manifest says why), 2 for a bad flag. Rerun the
+same command to resume; the folder is claimed only once the model has loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from utils.exit_codes import EXIT_GATE_FAILED, EXIT_OK, BadInputError, run_cli  # noqa: E402
-from utils.stage1_generation import add_generation_arguments  # noqa: E402
+from utils.calibration import CALIBRATION_CHOICES  # noqa: E402
+from utils.cli_validation import non_negative_int, positive_int  # noqa: E402
+from utils.exit_codes import EXIT_GATE_FAILED, EXIT_OK, run_cli  # noqa: E402
+from utils.stage1_generation import DefaultsHelpFormatter, Stage1Config, add_generation_arguments  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--count", type=int, default=100, help="accepted pairs to produce")
-    parser.add_argument("--seed", type=int, default=42, help="seed for example selection and sampling")
+    defaults = Stage1Config()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--count", type=positive_int, default=defaults.count, help="accepted pairs to produce")
+    parser.add_argument("--seed", type=non_negative_int, default=defaults.seed, help="seed for example selection and sampling")
     parser.add_argument("--output", type=Path, default=Path("artifacts/pilot"), help="output folder")
     parser.add_argument("--model", default=None, help="model folder, .gguf file or hub id (default: bundled gemma-3-270m)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per generation/critic batch (halved on OOM)")
+    parser.add_argument("--calibration", choices=CALIBRATION_CHOICES, default="auto",
+                        help="named settings for a model (utils/calibration.py): auto picks by the loaded model's file "
+                             "sha256 (the bundled gemma-3-270m -> gemma-3-270m, any other -> source); flags override single values")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per generation/critic batch (halved on OOM)")
     parser.add_argument("--dtype", default=None, help="torch dtype for the model (default bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--label-swap", action="store_true", help="ask each critic item twice with A/B swapped and average")
-    parser.add_argument("--max-rounds", type=int, default=6, help="generation rounds allowed to reach --count")
     parser.add_argument("--allow-instruct-model", action="store_true", help="override the loader's instruct-model refusal (recorded)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_generation_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.count < 1 or args.batch_size < 1:
-        raise BadInputError("--count and --batch-size must be positive")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> int:
+    from utils.calibration import choose_calibration
     from utils.clean_model_loader import CleanModelLoader
-    from utils.jsonl_io import write_jsonl_atomic
-    from utils.provenance_helper import create_session_manifest, write_manifest_atomic
-    from utils.qc import format_qc_table
-    from utils.stage1_generation import claim_output_dir, config_from_args, run_stage1_generation
+    from utils.stage1_generation import GenerationJob, check_output_path, generate_into_folder, pilot_config
 
-    config, _ = config_from_args(args)
-    resumed = claim_output_dir(args.output, {"config": config.as_dict(), "model": args.model, "dtype": args.dtype})
-    print(f"[pilot] {'resuming' if resumed else 'starting'} in {args.output}", flush=True)
-    start = time.time()
-    model, tokenizer, provenance = CleanModelLoader(args.model, dtype=args.dtype, allow_instruct_model=args.allow_instruct_model).load()
-    result = run_stage1_generation(model, tokenizer, config, args.output, batch_size=args.batch_size, show_progress=not args.no_progress,
-                                   compile=args.compile)
-    data_path = args.output / "sft_data.jsonl"
-    write_jsonl_atomic(data_path, result["final"])
-    qc = result["qc"]
-    if len(result["final"]) < config.count:
-        qc["shortfall"] = f"{len(result['final'])} accepted of {config.count} asked after {config.max_rounds} rounds"
-    manifest = create_session_manifest(
-        "pilot", args, outputs={"data": data_path}, qc=qc, config=config.as_dict(), model_provenance=provenance,
-        wall_seconds=round(time.time() - start, 1), resumed=resumed, records=len(result["final"]))
-    write_manifest_atomic(args.output / "session_manifest.json", manifest)
-    print(format_qc_table(qc))
-    print(f"[pilot] {len(result['final'])} pairs in {data_path}; manifest {args.output / 'session_manifest.json'}")
-    return EXIT_OK if qc["passed"] else EXIT_GATE_FAILED
+    check_output_path(args.output, "--output", "folder")
+    loaded = CleanModelLoader(args.model, dtype=args.dtype, allow_instruct_model=args.allow_instruct_model).load()
+    calibration, chosen_by = choose_calibration(args.calibration, loaded[2])
+    config, overrides = pilot_config(args, calibration)
+    print(f"[pilot] calibration {calibration.name} ({chosen_by})", flush=True)
+    for name, change in overrides.items():
+        print(f"[pilot] override {name}: {change['from']} -> {change['to']}", flush=True)
+    job = GenerationJob(stage="pilot", folder=args.output, config=config, manifest_name="session_manifest.json",
+                        log_prefix="[pilot]", manifest_extra={"calibration": calibration.as_record(chosen_by), "overrides": overrides})
+    result = generate_into_folder(job, loaded, args, batch_size=args.batch_size, show_progress=not args.no_progress,
+                                  compile=args.compile)
+    print(f"[pilot] {result['records']} pairs in {result['data_path']}; manifest {result['manifest_path']}")
+    return EXIT_OK if result["qc"]["passed"] else EXIT_GATE_FAILED
 
 
 if __name__ == "__main__":

@@ -7,33 +7,32 @@
 # Stops at the first stage that fails its gate and exits with that stage's code (3 refused,
 # 4 gate failed, 2 bad input, 1 crash). Every stage resumes, so rerunning continues where a
 # killed run stopped. Sizes: gpu = the source's (pilot 200, scale 2000, 3 epochs, 200 test
-# instructions); cpu = small counts (16 min 44 s measured on 2 cores).
+# instructions); cpu = small counts (12 min 31 s measured on 2 cores, docs/measurements.md).
 # Any size can be overridden by environment variable (PILOT_COUNT=..., SCALE_COUNT=..., ...);
-# TRAIN_ARGS adds flags to the training stage.
-# GEN_ARGS adds flags to the pilot (the scale stage inherits them through the pilot manifest). With
-# the bundled gemma-3-270m it defaults to a calibration for a 270M model, recorded in every manifest:
-# its A/B margins sit within +-0.3 nats, so the source's 1.0-nat threshold (set for a 32B model)
-# accepts nothing; label swap removes its letter bias and a 0 threshold keeps pairs the model prefers;
-# its answers are long, so the token-limit gate is 0.4 and the acceptance gate 0.3; its runaway rate
-# (0.024-0.031 over 600-5,800 pairs on a GPU) is a handful of pairs at CPU sizes (3 of 48 = 0.062
-# failed a CPU run), so that gate is 0.1. With --model the
-# source's parameters and thresholds apply unchanged. STAGE1_SKIP_INSTALL=1 uses the python on PATH.
+# TRAIN_ARGS adds flags to the training stage, GEN_ARGS to the pilot (the scale stage inherits
+# them through the pilot manifest), e.g. GEN_ARGS="--calibration source".
+# The model's calibration is the pilot's own (--calibration auto, scripts/utils/calibration.py): the
+# bundled gemma-3-270m, recognised by its file sha256, gets the settings measured for it; any other
+# model the source's. The pilot manifest records which, why, and each value.
+# STAGE1_SKIP_INSTALL=1 uses the python on PATH.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 profile=auto model_args=() root=.
 while [ $# -gt 0 ]; do
   case "$1" in
-    --profile) profile=$2; shift 2 ;;
-    --model) model_args=(--model "$2"); shift 2 ;;
-    --root) root=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --profile|--model|--root)
+      if [ $# -lt 2 ] || [ -z "$2" ]; then echo "$1 needs a value (see --help)" >&2; exit 2; fi
+      case "$1" in
+        --profile) profile=$2 ;;
+        --model) model_args=(--model "$2") ;;
+        --root) root=$2 ;;
+      esac
+      shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 if [ "${STAGE1_SKIP_INSTALL:-0}" = 1 ]; then export PYTHONUNBUFFERED=1; else source scripts/setup_env.sh || exit 1; fi
-if [ ${#model_args[@]} -eq 0 ]; then
-  : "${GEN_ARGS=--confidence-threshold 0 --label-swap --qc-token-limit-rate-max 0.4 --qc-critic-acceptance-rate-min 0.3 --qc-runaway-rate-max 0.1}"
-fi
 read -r -a gen_args <<< "${GEN_ARGS:-}"
 if [ "$profile" = auto ]; then
   profile=$(python -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")

@@ -1,12 +1,67 @@
+"""Fixtures and helpers shared by the test files.
+
+Tests import the utilities and the scripts the way the scripts do (`from utils.x import ...`), so
+`scripts/` goes on the path here, and `tests/` for `tiny_models`. Helpers that more than one test
+file needs live here and are imported by name (`from conftest import run_python_script`).
+
+Markers (registered in pytest.ini): `slow` marks the real bundled-model tests and tests that take
+more than about 20 s on a 2-core CPU; `bash scripts/run_tests.sh -m "not slow"` skips them, CI runs all.
+"""
+
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
 import pytest
 
-sys.path.insert(0, str(ROOT / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+for _folder in (ROOT / "tests", SCRIPTS):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
+
+# The user's shared conversion cache: tests of the real bundled model point at it on purpose, so the
+# 50 s GGUF conversion happens once per machine rather than once per test.
+BUNDLED_CACHE_DIR = Path.home() / ".cache" / "stage1_bootstrap"
+
+
+# A test that needs one of these fixtures is slow: in a run without the other users of the fixture it
+# pays the whole cost itself. Marked here, so new tests that use them are marked too.
+SLOW_FIXTURES = {
+    "pilot_manifest": "runs the pilot script on the trained tiny model (2-4 min measured on the shared 2-core machine)",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES.keys() & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+def script_env(**extra: str) -> dict:
+    """This process's environment plus `extra` (e.g. OMP_NUM_THREADS="1"), for a script run as a command."""
+    return {**os.environ, **extra}
+
+
+def run_python_script(script, *args, env: dict | None = None, timeout: float | None = None,
+                      cwd: Path | None = ROOT) -> subprocess.CompletedProcess:
+    """Run a script as a user would (`python scripts/x.py ...`) with this test run's interpreter.
+
+    `script` is a path or a file name under scripts/; arguments are passed through str(). Output is
+    captured as text; the exit code is the caller's to check.
+    """
+    path = Path(script)
+    if not path.is_absolute():
+        path = SCRIPTS / path
+    return subprocess.run([sys.executable, str(path), *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
+
+
+def read_jsonl_lines(path) -> list[dict]:
+    """Records of a JSONL file, split on b"\\n" only (as utils.jsonl_io does: model text may hold U+2028)."""
+    return [json.loads(line) for line in Path(path).read_bytes().split(b"\n") if line.strip()]
 
 
 @pytest.fixture(scope="session")

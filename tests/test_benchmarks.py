@@ -2,16 +2,20 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
+
+import pytest
+
+from conftest import run_python_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, args: list) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    return run_python_script(script, *args)
 
 
+@pytest.mark.slow  # 24 s and more measured
 def test_generation_benchmark_measures_every_path(tmp_path, trained_model_dir):
     out = tmp_path / "generation.json"
     result = _run("benchmark_generation.py", ["--models", "tiny", "--tiny-model", trained_model_dir, "--batch-sizes", 1, 4,

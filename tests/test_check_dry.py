@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_python_script
+
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "scripts" / "check_dry.py"
 U = "scripts/utils/"
@@ -73,7 +75,7 @@ CASE_IDS = [f"{rule}-{i}" for rule, cases in PLANTS.items() for i in range(len(c
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CHECK), *args], capture_output=True, text=True, timeout=120)
+    return run_python_script(CHECK, *args, timeout=120, cwd=None)
 
 
 def plant(root: Path, rel: str, source: str) -> Path:

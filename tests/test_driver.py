@@ -1,10 +1,13 @@
 """scripts/run_stage1.sh end to end on the tiny trained model: every stage runs, the chain stops at
 the first failed gate with that stage's exit code, and outputs land where it says."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ["bash", str(ROOT / "scripts" / "run_stage1.sh")]
@@ -16,6 +19,7 @@ def _env(**extra):
     return {**os.environ, "PATH": path, "STAGE1_SKIP_INSTALL": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
+@pytest.mark.slow  # every stage end to end: 29-39 s measured
 def test_driver_runs_every_stage_and_stops_at_the_failed_gate(trained_model_dir, tmp_path):
     env = _env(TEST_COUNT="10", PILOT_COUNT="6", SCALE_COUNT="12", SHARDS="2", EPOCHS="1", BATCH="8")
     result = subprocess.run(DRIVER + ["--profile", "cpu", "--model", str(trained_model_dir), "--root", str(tmp_path)],
@@ -28,6 +32,16 @@ def test_driver_runs_every_stage_and_stops_at_the_failed_gate(trained_model_dir,
     assert (tmp_path / "data" / "stage1_sft_data.manifest.json").exists()
     assert (tmp_path / "checkpoints" / "stage1_sft" / "final_adapter" / "TRAINING_SUCCESS").exists()
     assert (tmp_path / "results" / "sft_eval" / "evaluation_results.json").exists()
+    # The driver adds no settings of its own: the pilot chose the calibration and recorded it.
+    pilot = json.loads((tmp_path / "artifacts" / "pilot" / "session_manifest.json").read_text())
+    assert pilot["calibration"]["name"] == "source" and pilot["calibration"]["chosen_by"].startswith("auto")
+    assert pilot["overrides"] == {}
+
+
+@pytest.mark.parametrize("flag", ["--model", "--profile", "--root"])
+def test_driver_refuses_a_flag_without_its_value(flag, tmp_path):
+    result = subprocess.run(DRIVER + [flag], capture_output=True, text=True, env=_env(), timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and f"{flag} needs a value" in result.stderr, result.stderr
 
 
 def test_driver_refuses_a_bad_profile(tmp_path):

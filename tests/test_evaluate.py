@@ -4,14 +4,12 @@ and the script end to end on a tiny random Llama with a random (non-zero) LoRA a
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_python_script, script_env
 from utils import evaluation as ev
 from utils.exit_codes import BadInputError
 
@@ -121,17 +119,21 @@ def test_load_test_records_ids_and_errors(tmp_path):
 # ---- end to end ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+    return build_workspace(tmp_path_factory.mktemp("eval"))
+
+
+def build_workspace(root):
     """A tiny base model, a random LoRA adapter with the training script's marker and manifest,
     its training data, and a test set of 10 typed records plus 2 of an unknown type."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from tiny_models import build_tiny_model
 
+    from tiny_models import build_tiny_model
     from utils.clean_model_loader import CleanModelLoader
     from utils.provenance_helper import create_artifact_metadata, create_session_manifest, sha256_file, write_manifest_atomic
+    from utils.sft_training import adapter_file_hashes
     from utils.test_set import build_test_set
 
-    root = tmp_path_factory.mktemp("eval")
     model_dir = build_tiny_model(root / "tiny-base")
     data = root / "sft.jsonl"
     data.write_text("".join(json.dumps({"id": f"r{i}", "instruction": f"Name {i} kinds of cheese.", "response": "Brie."}) + "\n"
@@ -152,7 +154,8 @@ def workspace(tmp_path_factory):
                                       loader_provenance=provenance, dataset_sha256=sha256_file(data), dataset_path=str(data),
                                       data_manifest=str(root / "sft.manifest.json"),
                                       training_manifest=str(out / "training_manifest.json"), global_step=1,
-                                      final_eval_loss=None, quantization="none")
+                                      final_eval_loss=None, quantization="none",
+                                      adapter_files_sha256=adapter_file_hashes(adapter))
     write_manifest_atomic(adapter / "TRAINING_SUCCESS", marker)
     test_set = root / "test.jsonl"
     records = build_test_set(count=10) + [{"instruction": "Translate 'cat' into French.", "type": "translation"},
@@ -162,9 +165,7 @@ def workspace(tmp_path_factory):
 
 
 def run_script(args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args), "--no-progress"], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=timeout)
+    return run_python_script(SCRIPT, *args, "--no-progress", env=script_env(OMP_NUM_THREADS="1"), timeout=timeout)
 
 
 def test_refuses_without_training_success_marker(workspace, tmp_path):
@@ -198,10 +199,11 @@ def test_end_to_end_outputs_unscored_resume_and_gate(workspace, tmp_path):
     sft_rows = [json.loads(line) for line in (out / "sft_responses.jsonl").read_text().splitlines()]
     assert len(base_rows) == len(sft_rows) == 12
     row = base_rows[0]
-    assert {"id", "type", "instruction", "raw_output", "response", "finish_reason", "n_generated_tokens", "score"} <= set(row)
+    assert {"id", "type", "instruction", "raw_response", "response", "was_cut", "finish_reason", "n_generated_tokens", "score",
+            "prompt_version"} <= set(row) and "raw_output" not in row
     assert {r["id"] for r in base_rows} >= {"line-11", "bench-2"}
-    assert [r["raw_output"] for r in sorted(base_rows, key=lambda r: r["id"])] != \
-           [r["raw_output"] for r in sorted(sft_rows, key=lambda r: r["id"])]  # the adapter changes the output
+    assert [r["raw_response"] for r in sorted(base_rows, key=lambda r: r["id"])] != \
+           [r["raw_response"] for r in sorted(sft_rows, key=lambda r: r["id"])]  # the adapter changes the output
     unknown = [r for r in sft_rows if r["id"] in ("line-11", "bench-2")]
     assert all(r["score"]["scored"] is False for r in unknown)
 
@@ -243,10 +245,8 @@ def test_end_to_end_outputs_unscored_resume_and_gate(workspace, tmp_path):
 
 
 def test_resume_refuses_responses_made_with_other_settings(tmp_path):
-    import evaluate_stage1_sft as script
-
     path = tmp_path / "base_responses.jsonl"
     path.write_text(json.dumps({"id": "a", "instruction": "Say hi.", "generation_key": "old"}) + "\n")
     records = [{"id": "a", "instruction": "Say hi."}]
     with pytest.raises(BadInputError, match="another model, adapter, prompt, decoding or instruction"):
-        script.generate_responses("base", None, records, path, None, "new")
+        ev.generate_responses("base", None, records, path, None, "new")

@@ -16,12 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from utils.clean_model_loader import (CleanModelLoader, ContaminationError, InstructModelError, encode_prompt,
-                                      looks_assistant_style)
+from conftest import BUNDLED_CACHE_DIR
+from utils.clean_model_loader import CleanModelLoader, InstructModelError
 from utils.exit_codes import BadInputError, RefusedError
 from utils.jsonl_io import JsonlAppender, iter_jsonl, read_jsonl, repair_torn_tail, write_jsonl_atomic
-from utils.provenance_helper import (capture_environment, create_session_manifest, get_git_info, read_manifest,
-                              require_upstream_manifest, sha256_file, write_manifest_atomic)
+from utils.prompt_guards import ContaminationError, encode_prompt, looks_assistant_style
+from utils.provenance_helper import (
+    capture_environment,
+    create_session_manifest,
+    get_git_info,
+    read_manifest,
+    require_upstream_manifest,
+    sha256_file,
+    write_manifest_atomic,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:knowledge sentinel failed")  # tiny random models fail it
@@ -232,6 +240,68 @@ def test_write_manifest_atomic_crash_keeps_old_manifest(tmp_path, monkeypatch):
         write_manifest_atomic(path, {"version": "new"})
     monkeypatch.undo()
     assert read_manifest(path) == {"version": "old"}
+    assert os.listdir(tmp_path) == ["manifest.json"]  # the temp file went with the failed rename
+
+
+# Issue 19.8: both atomic writers, on a target they cannot write and on a write that fails midway.
+ATOMIC_WRITERS = {
+    "jsonl": lambda path, value: write_jsonl_atomic(path, [{"id": 1}, {"id": 2, "bad": value}]),
+    "manifest": lambda path, value: write_manifest_atomic(path, {"id": 1, "bad": value}),
+}
+
+
+@pytest.mark.parametrize("writer", list(ATOMIC_WRITERS))
+def test_atomic_writer_refuses_a_folder_as_target(tmp_path, writer):
+    target = tmp_path / "out"
+    (target / "inside").mkdir(parents=True)
+    with pytest.raises(BadInputError, match=re.escape(str(target)) + ": is a folder"):
+        ATOMIC_WRITERS[writer](target, 1)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(target) == ["inside"]
+
+
+@pytest.mark.parametrize("writer", list(ATOMIC_WRITERS))
+@pytest.mark.parametrize("depth", [1, 2])
+def test_atomic_writer_refuses_a_file_as_parent(tmp_path, writer, depth):
+    blocker = tmp_path / "plain.txt"
+    blocker.write_text("a file, not a folder\n")
+    target = blocker / "sub" / "out.json" if depth == 2 else blocker / "out.json"
+    with pytest.raises(BadInputError, match=re.escape(str(target)) + ".*" + re.escape(str(blocker)) + " is a file"):
+        ATOMIC_WRITERS[writer](target, 1)
+    assert os.listdir(tmp_path) == ["plain.txt"] and blocker.read_text() == "a file, not a folder\n"
+
+
+@pytest.mark.parametrize("writer", list(ATOMIC_WRITERS))
+def test_atomic_writer_failing_midway_leaves_no_temp_file_and_the_old_file(tmp_path, monkeypatch, writer):
+    target = tmp_path / "out.json"
+    target.write_text("old\n")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ATOMIC_WRITERS[writer](target, 1)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["out.json"] and target.read_text() == "old\n"
+
+
+def test_jsonl_atomic_record_that_cannot_be_written_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "out.jsonl"
+    with pytest.raises(TypeError):
+        ATOMIC_WRITERS["jsonl"](target, object())  # the second record fails after the first was written
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("writer", list(ATOMIC_WRITERS))
+def test_atomic_writer_failing_rename_leaves_no_temp_file(tmp_path, monkeypatch, writer):
+    def crash(src, dst):
+        raise OSError("simulated rename failure")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated rename failure"):
+        ATOMIC_WRITERS[writer](tmp_path / "out.json", 1)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.fixture
@@ -352,10 +422,11 @@ def test_run_cli_exit_codes(tmp_path, mode, code, stderr_text):
 
 
 # -- the bundled model -----------------------------------------------------------------------------
+@pytest.mark.slow  # the real bundled model: ~50 s conversion on first use, then a full load
 def test_bundled_model_sentinels(monkeypatch):
     """The real bundled gemma-3-270m: a working base model, BOS on, and a tokenizer that keeps
     "Instruction" whole (transformers' own GGUF tokenizer splits it into characters)."""
-    monkeypatch.setenv("STAGE1_CACHE_DIR", str(Path.home() / ".cache" / "stage1_bootstrap"))
+    monkeypatch.setenv("STAGE1_CACHE_DIR", str(BUNDLED_CACHE_DIR))
     model, tokenizer, provenance = CleanModelLoader().load()
     assert provenance["source"] == "bundled" and provenance["model_id"] == "gemma-3-270m"
     assert provenance["sentinels"]["passed"] is True, provenance["sentinels"]

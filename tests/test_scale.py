@@ -12,15 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import read_jsonl_lines as _lines
+
 ROOT = Path(__file__).resolve().parents[1]
 PILOT = ROOT / "scripts" / "generate_stage1_pilot_data.py"
 SCALE = ROOT / "scripts" / "generate_stage1_scale_data.py"
 OVERRIDE_FLAGS = ["--response-temperature", "0.25", "--qc-median-response-tokens-max", "45"]
 OVERRIDES = {"response_temperature": {"from": 0.3, "to": 0.25}, "qc_median_response_tokens_max": {"from": 40, "to": 45}}
-
-
-def _lines(path):
-    return [json.loads(line) for line in Path(path).read_bytes().split(b"\n") if line.strip()]
 
 
 def _sha(path):
@@ -215,10 +213,44 @@ def test_overrides_recorded_everywhere_and_enforced(scale_run):
         assert manifest["config"]["response"]["temperature"] == 0.25 and manifest["config"]["qc_thresholds"]["median_response_tokens_max"] == 45
         assert manifest["config"]["instruction"]["temperature"] == 0.7  # the rest comes from the pilot
     assert all(r["generation"]["response"]["temperature"] == 0.25 for r in _lines(scale_run["output"]))
-    code, out = scale(scale_run["pilot"], scale_run["output"], "--merge")  # shards were made with the overrides
-    assert code == 3 and "different configuration" in out
+    # Shards were made with the overrides: both refusals name each differing field with both values.
+    differences = "config.qc_thresholds.median_response_tokens_max: 45 -> 40; config.response.temperature: 0.25 -> 0.3"
+    code, out = scale(scale_run["pilot"], scale_run["output"], "--merge")
+    assert code == 3 and f"different configuration (differs in: {differences})" in out
     code, out = scale(scale_run["pilot"], scale_run["output"], "--no-merge")
-    assert code == 2 and "different configuration" in out
+    assert code == 2 and f"different configuration (differs in: {differences})" in out
+    pilot = json.loads(scale_run["pilot"].read_text())
+    assert all(m["calibration"] == pilot["calibration"] and m["calibration"]["name"] == "source" for m in manifests)
+
+
+def _temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".tmp." in p.name]
+
+
+@pytest.mark.parametrize("where", ["existing folder", "below a file"])
+def test_a_bad_output_path_is_refused_before_any_shard_runs(pilot_manifest, tmp_path, where):
+    if where == "existing folder":
+        output = tmp_path / "data.jsonl"
+        output.mkdir()
+    else:
+        (tmp_path / "notes.txt").write_text("a file, not a folder\n")
+        output = tmp_path / "notes.txt" / "data.jsonl"
+    code, out = scale(pilot_manifest, output)
+    assert code == 2 and f"--output {output}" in out, out
+    assert "[scale] shard" not in out  # refused before the first shard, not at the merge after the last
+    assert not (tmp_path / "data_shards").exists() and not _temp_files(tmp_path)
+
+
+def test_pilot_manifest_values_out_of_range_are_refused_naming_the_field(pilot_manifest, tmp_path):
+    edited = shutil.copytree(pilot_manifest.parent, tmp_path / "pilot")
+    manifest = json.loads((edited / "session_manifest.json").read_text())
+    manifest["config"]["response"]["top_p"] = 2.0
+    manifest["outputs"]["data"]["path"] = str(edited / "sft_data.jsonl")
+    manifest["outputs"]["judged"]["path"] = str(edited / "phase4_judged.jsonl")
+    (edited / "session_manifest.json").write_text(json.dumps(manifest))
+    code, out = scale(edited / "session_manifest.json", tmp_path / "d.jsonl")
+    assert code == 2 and f"{edited / 'session_manifest.json'}: config: response.top_p: got 2.0, expected a number in (0, 1]" in out
+    assert not (tmp_path / "d_shards").exists()
 
 
 def test_cross_shard_duplicates_removed_and_qc_recomputed(scale_run, tmp_path):

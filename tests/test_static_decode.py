@@ -183,8 +183,9 @@ def test_engine_does_not_reuse_a_decoder_after_an_adapter_is_injected_in_place(t
 
 
 def test_decode_steps_use_grouped_attention_and_restore_the_model_setting():
-    import utils.static_decode as static_decode
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import utils.static_decode as static_decode
 
     model = _random_model("gemma3", "sdpa")
     name = static_decode._register_decode_attention()

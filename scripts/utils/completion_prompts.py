@@ -74,8 +74,6 @@ class CompletionStylePrompts:
     """Prompt builders; each returns plain text for `encode_prompt` (the loader adds BOS)."""
 
     versions = PROMPT_VERSIONS
-    label_good = "A"
-    label_bad = "B"
 
     @staticmethod
     def create_response_prompt(instruction: str) -> str:
@@ -139,7 +137,7 @@ class CompletionStylePrompts:
 
     @staticmethod
     def critic_label_texts() -> tuple[str, str]:
-        """The two answer-slot continuations; each must be one token (the critic asserts it)."""
+        """The two answer-slot continuations; each must be one token (the critic refuses a tokenizer where not)."""
         return (" A", " B")
 
     @staticmethod

@@ -17,22 +17,38 @@ Contamination rule: a test instruction is contaminated when some SFT training in
   ngram  shares a run of 8 consecutive normalized words with it (the usual 8-gram
          benchmark-leak test; instructions shorter than 8 words can only match exact/near).
 Every match is listed with both ids and texts; the first match per kind per test record is kept.
+
+The adapter under test (`read_adapter`): its TRAINING_SUCCESS marker must parse as an object and
+list the sha256 of every adapter file, each of which must still match (exit 3 naming the file),
+whether or not the training manifest is still beside it; where that manifest is found it must
+parse too. Malformed markers and manifests are refusals (exit 3): they stand for upstream work.
+
+Prompt length rule: an instruction longer than `max_chars` characters is refused while the test set
+is read (exit 2, file:line and the limit, before any model loads); once the tokenizer is loaded,
+a prompt whose tokens plus max_new_tokens exceed the model's context is refused the same way
+(`check_prompt_lengths`), before anything is generated. Nothing is cut.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from .dedup import OVERLAP_JACCARD, OVERLAP_NGRAM, OverlapIndex
-from .exit_codes import BadInputError
+from .exit_codes import BadInputError, RefusedError
 from .jsonl_io import iter_jsonl
+from .provenance_helper import model_identity, read_manifest, same_model, sha256_file
 from .stats import EXACT_DISCORDANT_THRESHOLD, benjamini_hochberg, cohens_h, mcnemar_test, wilson_ci
 from .test_set import TYPES, score_response
 
 __all__ = [
-    "CONTAMINATION_JACCARD", "CONTAMINATION_NGRAM", "CI_ALPHA", "load_test_records", "load_training_instructions",
-    "check_contamination", "paired_table", "paired_statistics", "gate_decision", "format_summary",
+    "CONTAMINATION_JACCARD", "CONTAMINATION_NGRAM", "CI_ALPHA", "TrainedAdapter",
+    "check_output_folder", "read_adapter", "resolve_base_model", "resolve_training_data", "check_base_identity",
+    "load_test_records", "check_prompt_lengths", "load_training_instructions", "model_key", "generate_responses",
+    "score_pairs", "check_contamination", "paired_table", "paired_statistics", "gate_decision", "format_summary",
     "plot_success_rates",
 ]
 
@@ -41,18 +57,138 @@ CONTAMINATION_NGRAM = OVERLAP_NGRAM
 CI_ALPHA = 0.05  # the Wilson intervals are 95% whatever the gate alpha
 
 
-def load_test_records(path) -> list[dict]:
-    """Records with a non-empty `instruction`; `id` defaults to "line-<n>" (ids kept as strings).
+# ---- inputs ---------------------------------------------------------------------------------------
+def check_output_folder(output) -> None:
+    """--output must be a folder or not exist yet (checked before anything is loaded)."""
+    if Path(output).exists() and not Path(output).is_dir():
+        raise BadInputError(f"--output {output}: exists and is not a folder")
 
-    Duplicate ids, a missing instruction or a known type without its scorer metadata is bad input
-    naming file:line (exit 2).
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    """An adapter folder whose files match its TRAINING_SUCCESS marker, and the training manifest
+    found for it (None where it was copied away from it)."""
+
+    path: Path
+    marker: dict
+    manifest: dict | None
+    manifest_path: Path | None
+    files_sha256: dict
+
+
+_MARKER_FIELDS = {"training_manifest": str, "model_identity": dict, "dataset_sha256": str, "dataset_path": str}
+_MANIFEST_FIELDS = {"args": dict, "dataset": dict, "outputs": dict}
+
+
+def _refuse_malformed(record: dict, fields: dict, path: Path) -> None:
+    for name, kind in fields.items():
+        if record.get(name) is not None and not isinstance(record[name], kind):
+            raise RefusedError(f"{path}: field {name!r} is {type(record[name]).__name__}, expected {kind.__name__}")
+
+
+def read_adapter(adapter) -> TrainedAdapter:
+    """The adapter and its training records, refused (exit 3) unless every file is as training wrote it."""
+    from .sft_training import MARKER_NAME, verify_adapter_files
+
+    adapter = Path(adapter)
+    marker_path = adapter / MARKER_NAME
+    if not marker_path.is_file():
+        raise RefusedError(f"{adapter}: no {MARKER_NAME} marker, so training did not finish there (or this is "
+                           "not an adapter folder); run train_stage1_sft.py or pass --sft-checkpoint")
+    try:
+        marker = read_manifest(marker_path)
+    except (OSError, BadInputError) as err:
+        raise RefusedError(f"{marker_path}: unreadable {MARKER_NAME} marker ({err})") from None
+    _refuse_malformed(marker, _MARKER_FIELDS, marker_path)
+    verify_adapter_files(adapter, marker.get("adapter_files_sha256"))
+    candidates = [Path(marker["training_manifest"])] if marker.get("training_manifest") else []
+    manifest_path = next((p for p in candidates + [adapter.parent / "training_manifest.json"] if p.is_file()), None)
+    manifest = None
+    if manifest_path is not None:
+        try:
+            manifest = read_manifest(manifest_path)
+        except (OSError, BadInputError) as err:
+            raise RefusedError(f"{manifest_path}: unreadable training manifest ({err})") from None
+        _refuse_malformed(manifest, _MANIFEST_FIELDS, manifest_path)
+        files = marker["adapter_files_sha256"]  # verified above: these are the files on disk
+        for role, entry in (manifest.get("outputs") or {}).items():
+            if role.startswith("adapter_"):
+                name = Path(str(entry.get("path") if isinstance(entry, dict) else entry)).name
+                if not isinstance(entry, dict) or files.get(name) != entry.get("sha256"):
+                    raise RefusedError(f"{adapter / name}: not the file {manifest_path} records as {role} (sha256 differs)")
+    return TrainedAdapter(adapter, marker, manifest, manifest_path, dict(marker["adapter_files_sha256"]))
+
+
+def resolve_base_model(requested: str | None, adapter: TrainedAdapter) -> str | None:
+    """--base-model, else the model the training manifest names (None = the bundled one)."""
+    if requested is not None:
+        return requested
+    if adapter.manifest is not None and "model" in (adapter.manifest.get("args") or {}):
+        return adapter.manifest["args"]["model"]
+    identity = adapter.marker.get("model_identity") or {}
+    if identity.get("source") == "bundled":
+        return None
+    if identity.get("source") in ("local", "hub") and identity.get("model_id"):
+        return identity["model_id"]
+    raise RefusedError(f"{adapter.path}: cannot tell which base model the adapter was trained on (no training "
+                       "manifest); pass --base-model")
+
+
+def resolve_training_data(requested: Path | None, adapter: TrainedAdapter) -> tuple[Path, dict]:
+    """The SFT data for the contamination check: --training-data, else the recorded file (which
+    must still hash as recorded, exit 3 otherwise)."""
+    dataset = (adapter.manifest or {}).get("dataset") or {}
+    recorded_sha = adapter.marker.get("dataset_sha256") or dataset.get("sha256")
+    path = requested
+    if path is None:
+        recorded = adapter.marker.get("dataset_path") or dataset.get("path")
+        if not recorded or not Path(recorded).is_file():
+            raise RefusedError(f"the SFT training data recorded for the adapter ({recorded}) is not here, so the "
+                               "contamination check cannot run; pass --training-data")
+        path = Path(recorded)
+    elif not path.is_file():
+        raise BadInputError(f"--training-data {path}: file not found")
+    sha = sha256_file(path)
+    if requested is None and recorded_sha and sha != recorded_sha:
+        raise RefusedError(f"{path} changed since the adapter was trained on it (sha256 {sha[:12]}... != {recorded_sha[:12]}...)")
+    if recorded_sha and sha != recorded_sha:
+        print(f"[eval] warning: --training-data {path} is not the file the adapter was trained on (sha256 differs)", file=sys.stderr)
+    return path, {"path": str(path), "sha256": sha, "recorded_sha256": recorded_sha, "matches_recorded": sha == recorded_sha}
+
+
+def check_base_identity(provenance: dict, marker: dict) -> dict:
+    """Refuse (exit 3) a base model other than the one the adapter was trained on, by content
+    hashes (`same_model`), whatever name or path it was loaded by."""
+    trained = marker.get("model_identity")
+    if not isinstance(trained, dict):
+        raise RefusedError("the adapter's TRAINING_SUCCESS records no base model identity; cannot check the base model")
+    if not same_model(trained, provenance):
+        loaded = model_identity(provenance)
+        differing = [key for key in ("file_sha256", "weights_fingerprint", "revision", "tokenizer_sha256")
+                     if trained.get(key) != loaded[key]]
+        raise RefusedError(f"the base model loaded ({loaded['model_id']}) is not the one the adapter was trained on "
+                           f"({trained.get('model_id')}): {', '.join(differing) or 'model id'} differ")
+    return {"rule": "same_model (content hashes)", "trained_on": model_identity(trained), "matches": True}
+
+
+def load_test_records(path, max_chars: int | None = None) -> list[dict]:
+    """Records with a non-empty `instruction`; `id` defaults to "line-<n>" (ids kept as strings),
+    and `_line` keeps the line for later messages.
+
+    Duplicate ids, a missing instruction, an instruction over `max_chars` characters or a known
+    type without its scorer metadata is bad input naming file:line (exit 2).
     """
+    if Path(path).is_dir():
+        raise BadInputError(f"{path}: is a folder, expected a JSONL file")
     records, lines = [], {}
     for line, record in iter_jsonl(path):
         instruction = record.get("instruction")
         if not isinstance(instruction, str) or not instruction.strip():
             raise BadInputError(f"{path}:{line}: missing or empty 'instruction' field")
-        record = {**record, "id": str(record.get("id", f"line-{line}"))}
+        if max_chars is not None and len(instruction) > max_chars:
+            raise BadInputError(f"{path}:{line}: instruction is {len(instruction):,} characters, over the limit of "
+                                f"{max_chars:,} (--max-instruction-chars)")
+        record = {**record, "id": str(record.get("id", f"line-{line}")), "_line": line}
         if record["id"] in lines:
             raise BadInputError(f"{path}:{line}: duplicate id {record['id']!r} (first on line {lines[record['id']]})")
         lines[record["id"]] = line
@@ -66,6 +202,25 @@ def load_test_records(path) -> list[dict]:
     return records
 
 
+def check_prompt_lengths(records: list[dict], tokenizer, model, max_new_tokens: int, source) -> dict:
+    """Refuse (exit 2, file:line) a test prompt that with max_new_tokens exceeds the model's context."""
+    from .completion_prompts import CompletionStylePrompts
+    from .generation import check_prompts_fit, context_length
+    from .prompt_guards import encode_prompt
+
+    encoded = []
+    for record in records:
+        where = f"{source}:{record['_line']} (id {record['id']})"
+        try:  # the prompt guards refuse e.g. a chat-control token; name the record they refused
+            encoded.append((where, encode_prompt(tokenizer, CompletionStylePrompts.create_response_prompt(record["instruction"]))))
+        except BadInputError as err:
+            raise BadInputError(f"{where}: {err}") from None
+    limit = context_length(model)
+    check_prompts_fit(encoded, max_new_tokens, limit)
+    return {"context_tokens": limit, "longest_prompt_tokens": max(len(ids) for _, ids in encoded),
+            "max_new_tokens": max_new_tokens}
+
+
 def load_training_instructions(path) -> list[dict]:
     """[{id, instruction}] of an SFT dataset; ids default to "line-<n>"."""
     rows = []
@@ -76,6 +231,62 @@ def load_training_instructions(path) -> list[dict]:
     return rows
 
 
+def model_key(provenance: dict) -> dict:
+    """The base model's part of a response file's generation key: `model_identity` without the name
+    where content hashes decide (as in `same_model`), so the same weights by another path match."""
+    identity = model_identity(provenance)
+    if identity["file_sha256"] or identity["weights_fingerprint"]:
+        identity.pop("model_id")
+        identity.pop("source")
+    return identity
+
+
+def generate_responses(label: str, engine, records: list[dict], path, params, generation_key: str) -> dict:
+    """Append `label` responses for records not yet in `path`; refuses a file made with other settings."""
+    from .completion_prompts import CompletionStylePrompts as P
+    from .jsonl_io import JsonlAppender
+    from .records import EvaluationResponseRecord
+
+    by_id = {r["id"]: r for r in records}
+    start = time.time()
+    with JsonlAppender(path) as appender:
+        for row in appender.records:
+            record = by_id.get(row.get("id"))
+            if record is not None and (row.get("generation_key") != generation_key or row.get("instruction") != record["instruction"]):
+                raise BadInputError(f"{path}: holds a {label} response for {row['id']!r} made with another model, adapter, "
+                                    "prompt, decoding or instruction; use another --output or delete that file")
+        pending = [r for r in records if r["id"] not in appender]
+        print(f"[eval] {label}: {len(records) - len(pending)} of {len(records)} responses already on disk, "
+              f"{len(pending)} to generate", flush=True)
+
+        def save(result):
+            record = by_id[result.key]
+            cleaned = P.clean_response(result.text)
+            row = EvaluationResponseRecord(
+                id=record["id"], type=record.get("type"), instruction=record["instruction"], raw_response=result.text,
+                response=cleaned.text, was_cut=cleaned.was_cut, finish_reason=result.finish_reason,
+                n_generated_tokens=result.n_generated_tokens, score=score_response(record, cleaned.text),
+                prompt_version=P.versions["response"])
+            appender.append({**row.to_dict(), "model": label, "generation_key": generation_key})
+
+        items = [(r["id"], P.create_response_prompt(r["instruction"])) for r in pending]
+        engine.generate(items, params, P.response_stop_strings(), on_result=save, description=f"{label} responses")
+        rows = {row["id"]: row for row in appender.records if row["id"] in by_id}
+    return {"rows": rows, "generated_now": len(pending), "seconds": round(time.time() - start, 2),
+            "finish_reasons": dict(Counter(rows[r["id"]]["finish_reason"] for r in records))}
+
+
+def score_pairs(records: list[dict], base_rows: dict, sft_rows: dict) -> list[dict]:
+    """Paired outcomes, rescored from the saved cleaned responses (so resumed rows use this code too)."""
+    pairs = []
+    for record in records:
+        base, sft = (score_response(record, rows[record["id"]]["response"]) for rows in (base_rows, sft_rows))
+        pairs.append({"id": record["id"], "type": record.get("type"), "scored": base["scored"] and sft["scored"],
+                      "base_success": bool(base["success"]), "sft_success": bool(sft["success"])})
+    return pairs
+
+
+# ---- statistics and the gate --------------------------------------------------------------------
 def check_contamination(test_records: list[dict], training_records: list[dict],
                         threshold: float = CONTAMINATION_JACCARD, ngram: int = CONTAMINATION_NGRAM) -> dict:
     """Every test instruction against every training instruction (see the module docstring)."""
@@ -118,7 +329,7 @@ def paired_statistics(pairs: list[dict], alpha: float) -> dict:
     per_type = {t: paired_table([p["base_success"] for p in scored if p["type"] == t],
                                 [p["sft_success"] for p in scored if p["type"] == t]) for t in types}
     bh = benjamini_hochberg([per_type[t]["mcnemar"]["p_value"] for t in types], alpha=alpha)
-    for t, adjusted, reject in zip(types, bh["adjusted"], bh["reject"]):
+    for t, adjusted, reject in zip(types, bh["adjusted"], bh["reject"], strict=True):
         per_type[t].update(bh_adjusted_p=adjusted, bh_reject=reject)
     unscored = [p for p in pairs if not p["scored"]]
     return {

@@ -18,18 +18,24 @@ assigning `engine.model` releases them too (a graph replays the model it was cap
 
 Each result carries `finish_reason`: "stop" (a stop string ended it; the text is cut before it),
 "eos" (the model's end-of-sequence token), or "length" (max_new_tokens reached).
+
+A prompt whose tokens plus max_new_tokens exceed the model's context (`context_length`) is refused
+with a BadInputError naming its key before any batch is built: a prompt is never cut silently,
+and a runaway one (a 5 MB instruction) must not size the attention mask and cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Sequence
 
-from .clean_model_loader import encode_prompt
+from .exit_codes import BadInputError
+from .prompt_guards import encode_prompt
 from .static_decode import StaticDecoder, supports_static_decode
 
-__all__ = ["SamplingParams", "GenerationResult", "GenerationEngine", "is_out_of_memory"]
+__all__ = ["SamplingParams", "GenerationResult", "GenerationEngine", "is_out_of_memory", "context_length",
+           "check_prompts_fit"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,26 @@ def is_out_of_memory(err: BaseException) -> bool:
     import torch
 
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def context_length(model) -> int | None:
+    """Positions the model can attend over (its config's max_position_embeddings); None where unknown."""
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def check_prompts_fit(encoded: Sequence[tuple[str, list[int]]], max_new_tokens: int, limit: int | None) -> None:
+    """Refuse (BadInputError naming the record) a prompt that leaves no room for max_new_tokens."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise BadInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if limit is None:
+        return
+    for key, ids in encoded:
+        if len(ids) + max_new_tokens > limit:
+            raise BadInputError(f"prompt of record {key!r} is {len(ids)} tokens; with max_new_tokens {max_new_tokens} that "
+                                f"exceeds the model's context of {limit} tokens (max_position_embeddings): "
+                                "shorten that record or lower max_new_tokens")
 
 
 def _batch_seed(seed: int, first_key: str) -> int:
@@ -103,6 +129,7 @@ class GenerationEngine:
         from tqdm.auto import tqdm
 
         encoded = list(encoded)
+        check_prompts_fit(encoded, params.max_new_tokens, context_length(self.model))
         # Longest first: similar lengths share a batch (little padding), and an out-of-memory
         # error shows up on the first batch rather than after an hour.
         encoded.sort(key=lambda item: (-len(item[1]), item[0]))
@@ -172,7 +199,7 @@ class GenerationEngine:
         torch.manual_seed(_batch_seed(self.seed, batch[0][0]))
         if static:
             new_tokens = self._static_decode(input_ids.to(device), attention.to(device), params, stop_strings).tolist()
-            return [self._finish(key, tokens, params, stop_strings) for (key, _), tokens in zip(batch, new_tokens)]
+            return [self._finish(key, tokens, params, stop_strings) for (key, _), tokens in zip(batch, new_tokens, strict=True)]
         kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad_id,
                       eos_token_id=self.tokenizer.eos_token_id, repetition_penalty=params.repetition_penalty)
         if params.greedy:
@@ -184,7 +211,7 @@ class GenerationEngine:
         with torch.no_grad():
             output = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
         new_tokens = output[:, width:].tolist()
-        return [self._finish(key, tokens, params, stop_strings) for (key, _), tokens in zip(batch, new_tokens)]
+        return [self._finish(key, tokens, params, stop_strings) for (key, _), tokens in zip(batch, new_tokens, strict=True)]
 
     def _use_static_loop(self, total_length: int) -> bool:
         if self.decode_loop == "generate":
@@ -208,7 +235,7 @@ class GenerationEngine:
             # covers a stop string that spans the previous window's end.
             tails = [row_tokens[-2 * window:] for row_tokens in tokens]
             texts = self.tokenizer.batch_decode(tails, skip_special_tokens=False)
-            return {row for row, text in zip(rows, texts) if any(s in text for s in stop_strings)}
+            return {row for row, text in zip(rows, texts, strict=True) if any(s in text for s in stop_strings)}
 
         # A new model object already released the kept decoders (the `model` setter); the module
         # count catches an adapter injected into the same object in place. Other in-place changes

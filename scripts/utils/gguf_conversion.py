@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .exit_codes import BadInputError
+
 __all__ = ["convert_gguf_to_folder", "read_gguf_metadata", "build_gemma_bpe_tokenizer"]
 
 _TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED = 3, 4
@@ -18,7 +20,10 @@ _TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED = 3, 4
 def read_gguf_metadata(gguf_path: Path) -> dict:
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(gguf_path))
+    try:
+        reader = GGUFReader(str(gguf_path))
+    except Exception as err:  # noqa: BLE001 - whatever the parser trips on, the file is not a usable GGUF
+        raise BadInputError(f"{gguf_path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
     meta = {}
     for key, field in reader.fields.items():
         if key.startswith(("general.", "tokenizer.")):
@@ -42,7 +47,7 @@ def build_gemma_bpe_tokenizer(meta: dict):
     vocab = {}
     for index, piece in enumerate(pieces):
         vocab.setdefault(piece, index)
-    ranks = {piece: score for piece, score in zip(pieces, scores)}
+    ranks = {piece: score for piece, score in zip(pieces, scores, strict=True)}
     merges = generate_merges(vocab, ranks)
     special_ids = {int(meta.get(f"tokenizer.ggml.{name}_token_id", default))
                    for name, default in (("bos", 2), ("eos", 1), ("unknown", 3), ("padding", 0))}
@@ -72,14 +77,18 @@ def convert_gguf_to_folder(gguf_path: Path, folder: Path) -> dict:
     gguf_path = Path(gguf_path)
     meta = read_gguf_metadata(gguf_path)
     architecture = str(meta.get("general.architecture", ""))
-    if architecture.startswith("gemma"):
-        tokenizer = build_gemma_bpe_tokenizer(meta)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    try:
+        if architecture.startswith("gemma"):
+            tokenizer = build_gemma_bpe_tokenizer(meta)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, IndexError) as err:
+        # An architecture transformers cannot read, or metadata missing its tokenizer: the file's fault.
+        raise BadInputError(f"{gguf_path}: transformers cannot load this GGUF ({type(err).__name__}: {err})") from None
     if meta.get("tokenizer.chat_template"):
         # Kept so that the loader's guard sees that this model ships a chat template.
         tokenizer.chat_template = str(meta["tokenizer.chat_template"])
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     # The weights are dequantized now; drop the GGUF quantizer so save_pretrained accepts them.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -4,16 +4,20 @@ The answer slot is the last position of the prompt; the critic reads log P(" A")
 there, and the margin log P(A) - log P(B) decides: accepted when margin >= threshold. No sampling.
 With `label_swap`, each item is asked a second time with the letters traded (A = bad) and the two
 margins are averaged, which cancels a constant preference for one letter (position bias).
+Each decision records log P(A), log P(B), the margin, the threshold and its prompt's version. Each
+label must be one token of the model's tokenizer; where it is not, the critic refuses to start
+(BadInputError, exit 2, naming the label and its tokens).
 With `compile=True` on a GPU the forward pass is compiled (torch.compile: norms, rotary embeddings
 and activations fused); the first batches of each new shape pay the compilation.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from .clean_model_loader import encode_continuation, encode_prompt
-from .completion_prompts import CompletionStylePrompts
+from .completion_prompts import PROMPT_VERSIONS, CompletionStylePrompts
+from .exit_codes import BadInputError
+from .prompt_guards import encode_continuation, encode_prompt
 from .static_decode import report_compile_failure
 
 __all__ = ["InstructionCritic"]
@@ -38,12 +42,7 @@ class InstructionCritic:
         self.show_progress = show_progress
         limit = getattr(model.config, "max_position_embeddings", None) or 4096
         self.max_prompt_tokens = min(max_prompt_tokens or limit, limit)
-        label_a, label_b = CompletionStylePrompts.critic_label_texts()
-        ids_a, ids_b = encode_continuation(tokenizer, label_a), encode_continuation(tokenizer, label_b)
-        # The single-token contract: otherwise P(label) is not one number at one position.
-        assert len(ids_a) == 1 and len(ids_b) == 1, f"critic labels must be one token each: {label_a!r}->{ids_a}, {label_b!r}->{ids_b}"
-        assert ids_a != ids_b, "critic labels must be different tokens"
-        self.label_ids = (ids_a[0], ids_b[0])
+        self.label_ids = _single_token_labels(tokenizer)
 
     # -- public API ------------------------------------------------------------------------
     def critique_instruction(self, instruction: str, confidence_threshold: float | None = None) -> dict:
@@ -56,16 +55,17 @@ class InstructionCritic:
         build = CompletionStylePrompts.create_instruction_critic_prompt
         return self._judge([build(text) for text in instructions],
                            [build(text, swapped=True) for text in instructions] if self.label_swap else None,
-                           confidence_threshold)
+                           confidence_threshold, PROMPT_VERSIONS["instruction_critic"])
 
     def critique_pairs_batch(self, pairs: Sequence[tuple[str, str]], confidence_threshold: float | None = None) -> list[dict]:
         build = CompletionStylePrompts.create_pair_critic_prompt
         return self._judge([build(i, r) for i, r in pairs],
                            [build(i, r, swapped=True) for i, r in pairs] if self.label_swap else None,
-                           confidence_threshold)
+                           confidence_threshold, PROMPT_VERSIONS["pair_critic"])
 
     # -- internals -------------------------------------------------------------------------
-    def _judge(self, prompts: list[str], swapped_prompts: list[str] | None, threshold: float | None) -> list[dict]:
+    def _judge(self, prompts: list[str], swapped_prompts: list[str] | None, threshold: float | None,
+               prompt_version: str) -> list[dict]:
         threshold = self.confidence_threshold if threshold is None else threshold
         direct = self.label_logprobs(prompts)
         swapped = self.label_logprobs(swapped_prompts) if swapped_prompts is not None else None
@@ -78,7 +78,8 @@ class InstructionCritic:
                 decision.update(swapped_logp_a=round(swap_a, 6), swapped_logp_b=round(swap_b, 6),
                                 swapped_margin=round(swap_b - swap_a, 6),
                                 margin=round((logp_a - logp_b + swap_b - swap_a) / 2, 6))
-            decision.update(threshold=threshold, label_swap=self.label_swap, accepted=decision["margin"] >= threshold)
+            decision.update(threshold=threshold, label_swap=self.label_swap, accepted=decision["margin"] >= threshold,
+                            prompt_version=prompt_version)
             decisions.append(decision)
         return decisions
 
@@ -130,3 +131,19 @@ class InstructionCritic:
         keep_bos = self.tokenizer.stage1_guard["prepend_bos"]
         head = ids[:1] if keep_bos else []
         return head + ids[len(ids) - (self.max_prompt_tokens - len(head)):]
+
+
+def _single_token_labels(tokenizer) -> tuple[int, int]:
+    """The token ids of the two labels. Each must be one token, else P(label) is not one number at
+    one position; which tokenizers split them depends on the model, so this is bad input, not a bug."""
+    labels = CompletionStylePrompts.critic_label_texts()
+    ids = [encode_continuation(tokenizer, label) for label in labels]
+    for label, label_ids in zip(labels, ids, strict=True):
+        if len(label_ids) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(label_ids)
+            raise BadInputError(f"the critic label {label!r} is {len(label_ids)} tokens for this model's tokenizer "
+                                f"(ids {label_ids}, pieces {pieces}); the A/B critic needs each label to be one token")
+    if ids[0] == ids[1]:
+        raise BadInputError(f"the critic labels {labels[0]!r} and {labels[1]!r} are the same token ({ids[0][0]}) "
+                            "for this model's tokenizer")
+    return ids[0][0], ids[1][0]

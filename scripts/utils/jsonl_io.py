@@ -1,16 +1,23 @@
-"""JSONL reading and crash-safe appending.
+"""JSONL reading, crash-safe appending, and atomic whole-file writes.
 
 Records are split on b"\\n" only: model text may contain U+2028/U+2029, which str.splitlines()
 would treat as line breaks and so tear a record in two.
+
+`open_atomic` is the one temp-file-and-rename writer (`write_jsonl_atomic` and the manifests use
+it): readers never see half a file, and a failed write leaves neither a changed target nor a
+`.NAME.tmp.PID` file behind. A target that is a folder, or whose parent is a file, is a
+BadInputError naming the path, raised before anything is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO
 
 from .exit_codes import BadInputError
 
@@ -19,6 +26,8 @@ __all__ = [
     "read_jsonl",
     "repair_torn_tail",
     "JsonlAppender",
+    "check_output_file",
+    "open_atomic",
     "write_jsonl_atomic",
 ]
 
@@ -73,7 +82,7 @@ def repair_torn_tail(path: str | os.PathLike) -> int:
             json.loads(tail.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             handle.truncate(cut)
-            warnings.warn(f"{path}: removed a torn last line ({len(tail)} bytes) left by an interrupted run")
+            warnings.warn(f"{path}: removed a torn last line ({len(tail)} bytes) left by an interrupted run", stacklevel=2)
             return len(tail)
         handle.write(b"\n")
         return 0
@@ -115,21 +124,50 @@ class JsonlAppender:
     def close(self) -> None:
         self._handle.close()
 
-    def __enter__(self) -> "JsonlAppender":
+    def __enter__(self) -> JsonlAppender:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    """Write a whole file through a temp file and rename, so readers never see half of it."""
+def check_output_file(path: str | os.PathLike) -> Path:
+    """`path` as a Path if a file can be written there; BadInputError naming it if it is a folder
+    or if a file stands where one of its parent folders would have to be."""
     path = Path(path)
+    if path.is_dir():
+        raise BadInputError(f"{path}: is a folder; expected a file path to write")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BadInputError(f"{path}: cannot be written, because {parent} is a file, not a folder")
+            break
+    return path
+
+
+@contextlib.contextmanager
+def open_atomic(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary handle on `.NAME.tmp.PID` beside `path`, fsynced and renamed onto `path` when the
+    block ends cleanly; on any failure the temp file is removed and `path` is left as it was."""
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with tmp.open("wb") as handle:
+    try:
+        with tmp.open("wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and path.is_dir():  # a folder appeared there after the check above
+            raise BadInputError(f"{path}: is a folder; expected a file path to write") from None
+        raise
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    """Write a whole file through a temp file and rename, so readers never see half of it."""
+    with open_atomic(path) as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

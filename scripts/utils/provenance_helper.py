@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
-from .exit_codes import RefusedError
+from .exit_codes import BadInputError, RefusedError
 
 __all__ = [
     "sha256_file",
@@ -177,21 +177,36 @@ def _hashed(paths: dict | None) -> dict:
 
 
 def write_manifest_atomic(path: str | os.PathLike, manifest: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=2, sort_keys=True, default=str)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
+    """Write `manifest` through a temp file and rename (`jsonl_io.open_atomic`): a manifest on disk
+    is whole, a failed write leaves no temp file, and a folder as target is a BadInputError."""
+    from .jsonl_io import open_atomic
+
+    text = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"  # serialised first: a bad value writes nothing
+    with open_atomic(path) as handle:
+        handle.write(text.encode("utf-8"))
+    return Path(path)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    """A JSON object read from `path`; anything else is BadInputError (exit 2) naming the file.
+
+    The rule for malformed JSON files (not UTF-8, not JSON, or JSON that is not an object):
+    read directly, as a file the user handed to a stage, it is bad input (exit 2). Where the file
+    stands for finished upstream work (a manifest, a marker, a run record that a stage relies on),
+    the caller turns that into a refusal (RefusedError, exit 3), as `require_upstream_manifest`
+    does: a damaged record means the upstream stage cannot be shown to have finished. A missing
+    file stays an OSError for the caller to word.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except UnicodeDecodeError as err:
+        raise BadInputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise BadInputError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    return manifest
 
 
 def require_upstream_manifest(path: str | os.PathLike | None, what: str,
@@ -204,6 +219,9 @@ def require_upstream_manifest(path: str | os.PathLike | None, what: str,
     `passed_key` is the path of the boolean inside the manifest; `check_roles` limits which
     outputs are re-hashed (default: all of them). Paths in the manifest that are relative are
     taken relative to the manifest's own folder first, then to the working directory.
+    A manifest that is not UTF-8, not JSON, not an object, or whose `outputs` entries are not
+    {path, sha256} objects is a refusal too (exit 3, the file named): an upstream record this
+    stage cannot read vouches for nothing (see `read_manifest` for the rule).
     """
     if path is None:
         raise RefusedError(f"{what}: no manifest given")
@@ -212,16 +230,23 @@ def require_upstream_manifest(path: str | os.PathLike | None, what: str,
         raise RefusedError(f"{what}: manifest {path} does not exist (did the upstream stage finish?)")
     try:
         manifest = read_manifest(path)
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, BadInputError) as err:
         raise RefusedError(f"{what}: manifest {path} is unreadable ({err})") from None
     node: Any = manifest
     for key in passed_key:
         node = node.get(key) if isinstance(node, dict) else None
     if node is not True:
-        reasons = manifest.get("qc", {}).get("failures") if isinstance(manifest.get("qc"), dict) else None
-        detail = f": {'; '.join(reasons)}" if reasons else ""
+        qc = manifest.get("qc")
+        reasons = qc.get("failures") if isinstance(qc, dict) else None
+        detail = f": {'; '.join(map(str, reasons))}" if isinstance(reasons, list) and reasons else ""
         raise RefusedError(f"{what}: manifest {path} did not pass its gate ({'.'.join(passed_key)} is {node!r}){detail}")
     outputs = manifest.get("outputs", {})
+    malformed = not isinstance(outputs, dict) or any(
+        not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("sha256"), str)
+        for entry in outputs.values())
+    if malformed:
+        raise RefusedError(f"{what}: manifest {path} is malformed: 'outputs' must map each role to "
+                           "{\"path\": str, \"sha256\": str}")
     if expected_data is not None:
         recorded = outputs.get("data", {}).get("path")
         if recorded is None or not resolve_recorded_path(recorded, path).resolve() == Path(expected_data).resolve():
@@ -236,7 +261,8 @@ def require_upstream_manifest(path: str | os.PathLike | None, what: str,
             raise RefusedError(f"{what}: {data_path} named by {path} is missing")
         actual = sha256_file(data_path)
         if actual != entry["sha256"]:
-            raise RefusedError(f"{what}: {data_path} changed since {path} was written (sha256 {actual[:12]}... != recorded {entry['sha256'][:12]}...)")
+            raise RefusedError(f"{what}: {data_path} changed since {path} was written "
+                               f"(sha256 {actual[:12]}... != recorded {entry['sha256'][:12]}...)")
     return manifest
 
 

@@ -1,12 +1,13 @@
 """Quality control of generated pairs: the five rates, their thresholds, and the verdict.
 
 Definitions (docs/qc_definitions.md says the same, with examples; tests pin them):
-- judged records: every (instruction, response) pair that reached the pair critic.
+- judged records: every (instruction, response) pair that reached the pair critic, counted once
+  per id (a record whose id appears again in the file is the same record: the first one counts).
 - runaway_rate = judged records whose raw response is a repetition loop (`is_runaway`) / judged.
 - token_limit_rate = judged records with finish_reason "length" / judged.
 - delimiter_leakage = accepted records whose cleaned response still contains "instruction:" or
   "response:" (any case) - a count, not a rate.
-- median_response_tokens = median of `n_tokens` (tokens of the cleaned response) over accepted records.
+- median_response_tokens = median of `n_response_tokens` (tokens of the cleaned response) over accepted records.
 - critic_acceptance_rate = accepted by the pair critic / judged.
 """
 
@@ -16,9 +17,12 @@ import re
 import statistics
 from collections import Counter
 
+from .cli_validation import non_negative_int, positive_int, probability
 from .completion_prompts import CompletionStylePrompts
+from .records import unique_by_id
 
-__all__ = ["QC_THRESHOLDS", "is_runaway", "compute_qc", "format_qc_table", "RUNAWAY_NGRAM", "RUNAWAY_REPEATS"]
+__all__ = ["QC_THRESHOLDS", "QC_THRESHOLD_RANGES", "is_runaway", "compute_qc", "format_qc_table", "RUNAWAY_NGRAM",
+           "RUNAWAY_REPEATS"]
 
 QC_THRESHOLDS = {
     "runaway_rate_max": 0.05,
@@ -26,6 +30,14 @@ QC_THRESHOLDS = {
     "delimiter_leakage_max": 0,
     "median_response_tokens_max": 40,
     "critic_acceptance_rate_min": 0.50,
+}
+# What each threshold may be set to (flags and values read back from a manifest alike).
+QC_THRESHOLD_RANGES = {
+    "runaway_rate_max": probability,
+    "token_limit_rate_max": probability,
+    "delimiter_leakage_max": non_negative_int,
+    "median_response_tokens_max": positive_int,
+    "critic_acceptance_rate_min": probability,
 }
 RUNAWAY_NGRAM = 3
 RUNAWAY_REPEATS = 3
@@ -48,15 +60,17 @@ def _stats(values: list[float]) -> dict:
 
 def compute_qc(judged: list[dict], thresholds: dict | None = None, phase_counts: dict | None = None) -> dict:
     """QC summary over judged pair records (fields: raw_response, response, finish_reason,
-    n_tokens, pair_critic.accepted, pair_critic.margin)."""
+    n_response_tokens, pair_critic.accepted, pair_critic.margin); an id seen twice counts once."""
     limits = {**QC_THRESHOLDS, **(thresholds or {})}
+    given = len(judged)
+    judged = unique_by_id(judged)
     accepted = [r for r in judged if r["pair_critic"]["accepted"]]
     n = len(judged)
     rates = {
         "runaway_rate": sum(is_runaway(r["raw_response"]) for r in judged) / n if n else None,
         "token_limit_rate": sum(r["finish_reason"] == "length" for r in judged) / n if n else None,
         "delimiter_leakage": sum(CompletionStylePrompts.has_delimiter_leak(r["response"]) for r in accepted),
-        "median_response_tokens": statistics.median([r["n_tokens"] for r in accepted]) if accepted else None,
+        "median_response_tokens": statistics.median([r["n_response_tokens"] for r in accepted]) if accepted else None,
         "critic_acceptance_rate": len(accepted) / n if n else None,
     }
     checks = {
@@ -79,10 +93,10 @@ def compute_qc(judged: list[dict], thresholds: dict | None = None, phase_counts:
         "passed": not failures,
         "failures": failures,
         "rates": table,
-        "counts": {"judged": n, "accepted": len(accepted), **(phase_counts or {})},
+        "counts": {"judged": n, "accepted": len(accepted), "duplicate_judged_ids_ignored": given - n, **(phase_counts or {})},
         "finish_reasons": dict(Counter(r["finish_reason"] for r in judged)),
-        "token_stats": {"accepted_n_tokens": _stats([r["n_tokens"] for r in accepted]),
-                        "judged_n_generated_tokens": _stats([r.get("n_generated_tokens", r["n_tokens"]) for r in judged])},
+        "token_stats": {"accepted_n_response_tokens": _stats([r["n_response_tokens"] for r in accepted]),
+                        "judged_n_generated_tokens": _stats([r["n_generated_tokens"] for r in judged])},
         # Empty responses are rejected without asking the critic, so they have no margin.
         "margin_stats": {"pair_critic_all": _stats([r["pair_critic"]["margin"] for r in judged if r["pair_critic"].get("margin") is not None]),
                          "pair_critic_accepted": _stats([r["pair_critic"]["margin"] for r in accepted])},

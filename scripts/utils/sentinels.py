@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import warnings
 
+from .prompt_guards import encode_prompt, looks_assistant_style
+
 __all__ = ["run_sentinels", "PARIS_MAX_RANK", "CHAT_TOKEN_MASS_MAX", "KNOWLEDGE_PROMPT", "CHAT_PROBE_PROMPT"]
 
 PARIS_MAX_RANK = 10
@@ -40,8 +42,6 @@ def _greedy(model, tokenizer, ids: list[int]) -> str:
 
 
 def run_sentinels(model, tokenizer, chat_ids: dict[str, int]) -> dict:
-    from .clean_model_loader import encode_prompt, looks_assistant_style
-
     ids = encode_prompt(tokenizer, KNOWLEDGE_PROMPT)
     logprobs = _next_token_logprobs(model, ids)
     paris_ids = tokenizer.encode(" Paris", add_special_tokens=False)
@@ -53,7 +53,7 @@ def run_sentinels(model, tokenizer, chat_ids: dict[str, int]) -> dict:
                  "paris_logprob": round(float(logprobs[paris_first]), 4), "max_rank": PARIS_MAX_RANK,
                  "passed": knowledge_passed}
     if not knowledge_passed:
-        warnings.warn(f"knowledge sentinel failed: 'The capital of France is' -> {continuation!r} (Paris rank {rank})")
+        warnings.warn(f"knowledge sentinel failed: 'The capital of France is' -> {continuation!r} (Paris rank {rank})", stacklevel=2)
 
     probe_ids = encode_prompt(tokenizer, CHAT_PROBE_PROMPT)
     probe_logprobs = _next_token_logprobs(model, probe_ids)

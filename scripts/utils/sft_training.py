@@ -6,6 +6,13 @@ Examples are pre-tokenized here, so TRL never tokenizes text itself:
 With `completion_only_loss=True` TRL 1.16 folds `completion_mask` into a `labels` column during
 dataset preparation (-100 wherever the mask is 0) and drops the mask; its collator then only pads.
 
+Resuming: `<output>/run_identity.json` records what the checkpoints were trained from (the
+dataset's sha256, the base model's `model_identity`, the `RUN_HYPERPARAMETERS`); `check_resume`
+compares it with this run before anything in the output folder changes.
+
+The finished adapter: `TRAINING_SUCCESS` carries the sha256 of every file in the adapter folder
+(`adapter_file_hashes`), and `verify_adapter_files` is the one check of them.
+
 Test hooks (read by `TrainingGuardCallback`, for tests only): STAGE1_INJECT_NAN_AT_STEP=N fills a
 LoRA weight with NaN just before optimizer step N; STAGE1_TEST_SIGTERM_AT_STEP=N sends this process
 SIGTERM at the end of step N.
@@ -19,23 +26,37 @@ import os
 import random
 import signal
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .clean_model_loader import encode_continuation, encode_prompt
 from .completion_prompts import CompletionStylePrompts
-from .exit_codes import BadInputError, Stage1Error
+from .exit_codes import BadInputError, RefusedError, Stage1Error
 from .jsonl_io import iter_jsonl
+from .prompt_guards import encode_continuation, encode_prompt
+from .provenance_helper import model_identity, read_manifest, same_model, sha256_file, write_manifest_atomic
 
 __all__ = [
     "REQUIRED_FIELDS", "NonFiniteLossError", "load_sft_records", "split_train_val", "build_sft_examples",
-    "make_lora_config", "prepare_quantized_model", "resolve_gradient_checkpointing", "resolve_padding_free", "build_sft_config", "build_trainer",
-    "TrainingGuardCallback", "install_sigterm_handler", "latest_complete_checkpoint", "plot_loss_curve",
-    "load_adapter",
+    "make_lora_config", "prepare_quantized_model", "resolve_quantization", "resolve_gradient_checkpointing",
+    "resolve_padding_free", "build_sft_config", "build_trainer", "TrainingGuardCallback", "install_sigterm_handler",
+    "train_with_sigterm_guard", "final_eval_loss",
+    "latest_complete_checkpoint", "whole_run_train_loss", "plot_loss_curve", "load_adapter",
+    "RUN_HYPERPARAMETERS", "RUN_IDENTITY_FILE", "MARKER_NAME", "ResumePlan", "run_hyperparameters", "check_resume",
+    "check_resumed_model", "claim_output_folder", "adapter_file_hashes", "verify_adapter_files",
 ]
 
 REQUIRED_FIELDS = ("id", "instruction", "response")
+RUN_IDENTITY_FILE = "run_identity.json"
+MARKER_NAME = "TRAINING_SUCCESS"
+# The flags that change what a run computes (its data split, schedule, batches, adapter shape, base
+# weights' precision). Checkpointing, logging and padding-free layout are left out: they change
+# speed and bookkeeping, not the result. `quantization` is compared as resolved ("auto" -> 4bit/none).
+RUN_HYPERPARAMETERS = ("epochs", "lr", "per_device_batch_size", "grad_accum", "max_steps", "seed", "val_fraction",
+                       "max_seq_length", "packing", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                       "quantization")
 _PACKED_MASK_ATTENTION = {"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"}
 
 
@@ -44,8 +65,12 @@ class NonFiniteLossError(Stage1Error):
 
 
 def load_sft_records(path) -> list[dict]:
-    """Records with non-empty string `instruction`/`response` and an `id`; each keeps `_line`."""
-    records = []
+    """Records with non-empty string `instruction`/`response` and a unique `id`; each keeps `_line`.
+
+    A repeated id (compared as text, as the test set does) is bad input naming the line of the
+    second occurrence: ids are how records are traced back, so two records may not share one.
+    """
+    records, first_line = [], {}
     for line, record in iter_jsonl(path):
         missing = [field for field in REQUIRED_FIELDS if field not in record]
         if missing:
@@ -53,6 +78,10 @@ def load_sft_records(path) -> list[dict]:
         for field in ("instruction", "response"):
             if not isinstance(record[field], str) or not record[field].strip():
                 raise BadInputError(f"{path}:{line}: field '{field}' must be a non-empty string")
+        record_id = str(record["id"])
+        if record_id in first_line:
+            raise BadInputError(f"{path}:{line}: duplicate id {record_id!r} (first on line {first_line[record_id]})")
+        first_line[record_id] = line
         records.append({**record, "_line": line})
     if not records:
         raise BadInputError(f"{path}: no records (empty dataset)")
@@ -107,6 +136,15 @@ def make_lora_config(r: int = 16, alpha: int = 16, dropout: float = 0.1, target_
 GRADIENT_CHECKPOINTING_MIN_PARAMS = 1_000_000_000
 
 
+def resolve_quantization(requested: str) -> str:
+    """auto -> 4bit (bitsandbytes NF4) where CUDA is present, none on a CPU-only machine."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "4bit" if torch.cuda.is_available() else "none"
+
+
 def resolve_gradient_checkpointing(requested: str, model) -> bool:
     """auto: only for models of 1B+ parameters. A small model fits without it, and recomputing its
     forward pass adds a third round of kernel launches to steps that are launch-bound already."""
@@ -151,24 +189,25 @@ def resolve_padding_free(requested: bool | None, model, batch_size: int, packing
     return False, f"off (auto: padded batches; padding-free pays only with flash attention and batch > 1, here {impl}, batch {batch_size})"
 
 
-def build_sft_config(output_dir, *, epochs: float, lr: float, batch_size: int, grad_accum: int, max_steps: int,
-                     save_steps: int, logging_steps: int, seed: int, padding_free: bool, packing: bool,
-                     max_seq_length: int, has_eval: bool, save_total_limit: int | None = None,
-                     gradient_checkpointing: bool = True):
+def build_sft_config(args, output_dir, *, padding_free: bool, has_eval: bool, gradient_checkpointing: bool):
+    """TRL's SFTConfig from train_stage1_sft.py's arguments (epochs, lr, per_device_batch_size,
+    grad_accum, max_steps, save_steps, save_total_limit, logging_steps, seed, packing,
+    max_seq_length) and the values resolved once the model is loaded."""
     import torch
     from trl import SFTConfig
 
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return SFTConfig(
-        output_dir=str(output_dir), num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size, gradient_accumulation_steps=grad_accum, max_steps=max_steps,
-        save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit, logging_steps=logging_steps,
-        eval_strategy="steps" if has_eval else "no", eval_steps=save_steps if has_eval else None,
-        seed=seed, data_seed=seed, bf16=bf16, fp16=False, report_to="none", logging_nan_inf_filter=False,
+        output_dir=str(output_dir), num_train_epochs=args.epochs, learning_rate=args.lr,
+        per_device_train_batch_size=args.per_device_batch_size, per_device_eval_batch_size=args.per_device_batch_size,
+        gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, save_strategy="steps",
+        save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
+        eval_strategy="steps" if has_eval else "no", eval_steps=args.save_steps if has_eval else None,
+        seed=args.seed, data_seed=args.seed, bf16=bf16, fp16=False, report_to="none", logging_nan_inf_filter=False,
         completion_only_loss=True,  # pre-tokenized data: completion_mask -> labels -100 on the prompt
-        padding_free=padding_free, packing=packing, packing_strategy="bfd",
+        padding_free=padding_free, packing=args.packing, packing_strategy="bfd",
         # examples are truncated in build_sft_examples; TRL refuses max_length with padding-free unless packing
-        max_length=max_seq_length if packing else None,
+        max_length=args.max_seq_length if args.packing else None,
         gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
@@ -213,8 +252,10 @@ class TrainingGuardCallback(TrainerCallback):
             if not torch.stack([torch.isfinite(p).all() for p in model.parameters() if p.requires_grad]).all():
                 raise NonFiniteLossError(f"trainable weights became NaN/inf by step {state.global_step}; stopped before "
                                          "saving that checkpoint (lower --lr, check the data)")
-        if state.global_step >= state.max_steps:
-            control.should_log = True  # the curve and the NaN check always see the last step
+        if state.global_step >= state.max_steps or control.should_save:
+            # The curve and the NaN check always see the last step, and every checkpoint carries the
+            # loss of each step before it, so a resumed run's whole-run loss misses none.
+            control.should_log = True
         if self.stop_requested:
             control.should_save = control.should_log = True
             control.should_training_stop = True
@@ -245,6 +286,26 @@ def install_sigterm_handler(guard: TrainingGuardCallback):
     return signal.signal(signal.SIGTERM, handler)
 
 
+def train_with_sigterm_guard(trainer, guard: TrainingGuardCallback, resume_from=None) -> float:
+    """trainer.train() with SIGTERM turned into save-then-stop (see `guard.stop_requested`);
+    returns the training seconds."""
+    previous_handler = install_sigterm_handler(guard)
+    start = time.time()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    return result.metrics.get("train_runtime") or (time.time() - start)
+
+
+def final_eval_loss(trainer, guard: TrainingGuardCallback, has_validation: bool) -> float | None:
+    """The validation loss at the last step, reusing the evaluation a save on that step already ran."""
+    last_eval = guard.eval_history[-1] if guard.eval_history else {}
+    if last_eval.get("step") == trainer.state.global_step:
+        return last_eval["eval_loss"]
+    return trainer.evaluate().get("eval_loss") if has_validation else None
+
+
 def latest_complete_checkpoint(folder) -> Path | None:
     """Newest checkpoint-N whose trainer_state.json (written last by the Trainer) exists and parses."""
     def complete(path: Path) -> bool:
@@ -255,6 +316,25 @@ def latest_complete_checkpoint(folder) -> Path | None:
 
     found = [path for path in Path(folder).glob("checkpoint-*") if complete(path)]
     return max(found, key=lambda path: int(path.name.split("-")[-1]), default=None)
+
+
+def whole_run_train_loss(train_history: list[dict], resume_step: int | None = None) -> dict:
+    """Mean training loss per optimizer step over the whole run, resumed parts included.
+
+    The Trainer's own `training_loss` sums only the steps run by this process (and divides that
+    by the global step count). Each logged loss is the mean over the steps since the previous log,
+    and logging restarts at the resume step, so the whole-run mean weights each logged loss by the
+    steps it covers. Steps no log covers (a checkpoint saved between logs by an older version) are
+    left out and counted in `steps_not_covered`.
+    """
+    total, covered, previous = 0.0, 0, 0
+    for entry in sorted(train_history, key=lambda h: h["step"]):
+        start = resume_step if resume_step and previous < resume_step < entry["step"] else previous
+        total += entry["loss"] * (entry["step"] - start)
+        covered += entry["step"] - start
+        previous = entry["step"]
+    return {"loss": total / covered if covered else None, "steps_covered": covered,
+            "steps_not_covered": previous - covered}
 
 
 def plot_loss_curve(train_history: list[dict], eval_history: list[dict], path, title: str = "Stage 1 SFT") -> Path:
@@ -281,3 +361,124 @@ def load_adapter(model, path):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(path))
+
+
+def run_hyperparameters(args, quantization: str) -> dict:
+    """The values of `RUN_HYPERPARAMETERS` for this run (quantization as resolved)."""
+    values = {name: getattr(args, name) for name in RUN_HYPERPARAMETERS}
+    values["quantization"] = quantization
+    return values
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What `check_resume` found in the output folder: the checkpoint to resume from (or None),
+    the run identity recorded there, and the hyperparameter changes this run was allowed to make."""
+
+    output: Path
+    resume_from: Path | None
+    recorded: dict | None
+    changes: list[dict]
+
+    @property
+    def resume_step(self) -> int | None:
+        return int(self.resume_from.name.split("-")[-1]) if self.resume_from else None
+
+
+def check_resume(output, resume: bool, data_sha: str, hyperparameters: dict, allow_changes: bool) -> ResumePlan:
+    """Every refusal that needs no model, made before anything in `output` is touched.
+
+    Checkpoints without --resume: exit 2. With --resume and a checkpoint, the run identity recorded
+    beside it must parse and be complete (else exit 3), name this dataset (else exit 3), and hold
+    the same hyperparameters (else exit 2 naming each changed flag with both values, unless
+    `allow_changes`; the changes are returned so the manifest can record them). The base model is
+    compared by `check_resumed_model` once it is loaded.
+    """
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise BadInputError(f"--output {output}: exists and is not a folder")
+    checkpoints = output / "checkpoints"
+    resume_from = latest_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
+    if resume_from is not None and not resume:
+        raise BadInputError(f"{checkpoints} already holds {resume_from.name}; pass --resume to continue, or choose another --output")
+    if resume_from is None:
+        return ResumePlan(output, None, None, [])
+    identity_path = output / RUN_IDENTITY_FILE
+    try:
+        recorded = read_manifest(identity_path)
+    except (OSError, BadInputError) as err:
+        raise RefusedError(f"--resume: cannot tell what {resume_from} was trained from: {identity_path} is missing or "
+                           f"unreadable ({err}); use another --output") from None
+    expected_types = {"dataset_sha256": str, "model_identity": dict, "hyperparameters": dict}
+    missing = [key for key, kind in expected_types.items() if not isinstance(recorded.get(key), kind)]
+    if missing:
+        raise RefusedError(f"--resume: {identity_path} does not record {', '.join(missing)} (written by an older "
+                           "version?), so its checkpoints cannot be shown to belong to this run; use another --output")
+    if recorded["dataset_sha256"] != data_sha:
+        raise RefusedError(f"--resume: {resume_from} was trained on dataset {recorded.get('dataset', '?')} (sha256 "
+                           f"{recorded['dataset_sha256'][:12]}...), not on this dataset (sha256 {data_sha[:12]}...); "
+                           "use another --output")
+    before = recorded["hyperparameters"]
+    changes = [{"field": name, "recorded": before.get(name, "(not recorded)"), "new": value}
+               for name, value in hyperparameters.items() if before.get(name, "(not recorded)") != value]
+    if changes and not allow_changes:
+        listed = "; ".join(f"--{c['field'].replace('_', '-')}: recorded {c['recorded']!r}, now {c['new']!r}" for c in changes)
+        raise BadInputError(f"--resume: {resume_from} was trained with other hyperparameters ({listed}); rerun with the "
+                            "recorded values, or pass --allow-changed-hyperparameters to continue with the new ones "
+                            "(recorded in the manifest)")
+    return ResumePlan(output, resume_from, recorded, changes)
+
+
+def check_resumed_model(plan: ResumePlan, provenance: dict) -> None:
+    """Refuse (exit 3) to resume checkpoints trained on other weights, whatever the model is called."""
+    if plan.resume_from is None or same_model(plan.recorded["model_identity"], provenance):
+        return
+    recorded, loaded = model_identity(plan.recorded["model_identity"]), model_identity(provenance)
+    differing = ", ".join(f"{key} {str(recorded[key])[:12]} != {str(loaded[key])[:12]}"
+                          for key in ("file_sha256", "weights_fingerprint", "revision", "tokenizer_sha256")
+                          if recorded[key] != loaded[key])
+    raise RefusedError(f"--resume: {plan.resume_from} was trained on model {recorded['model_id']!r}, not on the model "
+                       f"loaded now ({loaded['model_id']!r}: {differing or 'model id differs'}); use another --output")
+
+
+def claim_output_folder(plan: ResumePlan, data_path, data_sha: str, provenance: dict, hyperparameters: dict) -> dict:
+    """The first change to the output folder, made only after every check passed: the stale
+    TRAINING_SUCCESS goes (it must not vouch for this run) and run_identity.json is (re)written.
+
+    Allowed hyperparameter changes accumulate in `hyperparameter_changes`; `hyperparameters` holds
+    the values now in force, so a later resume with the same new values needs no override again.
+    """
+    (plan.output / "final_adapter" / MARKER_NAME).unlink(missing_ok=True)
+    earlier = (plan.recorded or {}).get("hyperparameter_changes") or []
+    identity = {"dataset_sha256": data_sha, "dataset": str(data_path), "model_identity": model_identity(provenance),
+                "hyperparameters": hyperparameters,
+                "hyperparameter_changes": earlier + [{**change, "at_step": plan.resume_step} for change in plan.changes]}
+    write_manifest_atomic(plan.output / RUN_IDENTITY_FILE, identity)
+    return identity
+
+
+def adapter_file_hashes(folder) -> dict[str, str]:
+    """sha256 of every file under the adapter folder (relative POSIX path -> hex), the marker excepted."""
+    folder = Path(folder)
+    return {path.relative_to(folder).as_posix(): sha256_file(path)
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MARKER_NAME}
+
+
+def verify_adapter_files(folder, recorded) -> None:
+    """Refuse (exit 3, naming the file) an adapter folder that is not what training wrote: a
+    recorded file missing or changed, or a file that training did not write."""
+    folder = Path(folder)
+    marker = folder / MARKER_NAME
+    if not isinstance(recorded, dict) or not recorded or not all(isinstance(v, str) for v in recorded.values()):
+        raise RefusedError(f"{marker}: records no adapter file hashes (adapter_files_sha256), so the adapter cannot be "
+                           "checked (written by an older version?); retrain")
+    actual = adapter_file_hashes(folder)
+    for name, sha in sorted(recorded.items()):
+        if name not in actual:
+            raise RefusedError(f"{folder / name}: recorded in {marker} but missing")
+        if actual[name] != sha:
+            raise RefusedError(f"{folder / name}: changed since training finished (sha256 {actual[name][:12]}... != "
+                               f"recorded {sha[:12]}... in {marker})")
+    extra = sorted(set(actual) - set(recorded))
+    if extra:
+        raise RefusedError(f"{folder / extra[0]}: not written by training (not in {marker}); remove it or retrain")

@@ -15,6 +15,9 @@ Merge: shards in index order, records in id order; an instruction that is an exa
 duplicate (NearDuplicateIndex, the pilot's threshold) of one already kept is removed (first one
 wins); the result is cut to the requested count. QC is recomputed on every shard's judged pairs
 minus the removed duplicates.
+
+The output path is checked before any shard runs (`check_scale_output`): a folder where the
+merged file goes, or a path below a file, is refused at once (exit 2) instead of after the last shard.
 """
 
 from __future__ import annotations
@@ -33,15 +36,16 @@ from .exit_codes import BadInputError, RefusedError
 from .jsonl_io import read_jsonl
 from .provenance_helper import model_identity, read_manifest, same_model, sha256_file
 from .qc import compute_qc
-from .stage1_generation import PHASE_FILES
+from .stage1_generation import PHASE_FILES, SFT_DATA_FILE, check_output_path, describe_differences
 
-__all__ = ["SHARD_SEED_STRIDE", "ShardSpec", "Launch", "shard_seed", "shards_root", "plan_shards", "launch_from_env",
-           "select_shards", "shard_status", "exclusive_lock", "wait_for_shards", "merge_records", "sum_phase_counts",
-           "merge_shards", "merged_manifest_path"]
+__all__ = ["SHARD_SEED_STRIDE", "SHARD_MANIFEST", "ShardSpec", "Launch", "shard_seed", "shards_root", "plan_shards",
+           "launch_from_env", "select_shards", "shard_status", "exclusive_lock", "wait_for_shards", "merge_records",
+           "sum_phase_counts", "merge_shards", "merged_manifest_path", "check_scale_output", "model_override"]
 
 SHARD_SEED_STRIDE = 1000
 SHARD_MANIFEST = "shard_manifest.json"
-SHARD_DATA = "sft_data.jsonl"
+
+
 @dataclass(frozen=True)
 class ShardSpec:
     index: int
@@ -56,7 +60,7 @@ class ShardSpec:
 
     @property
     def data_path(self) -> Path:
-        return self.folder / SHARD_DATA
+        return self.folder / SFT_DATA_FILE
 
     @property
     def judged_path(self) -> Path:
@@ -95,6 +99,22 @@ def merged_manifest_path(output: Path) -> Path:
     """`<stem>.manifest.json` beside the data, where provenance.find_dataset_manifest looks."""
     output = Path(output)
     return output.with_name(f"{output.stem}.manifest.json")
+
+
+def check_scale_output(output: Path) -> None:
+    """Exit 2 now for an --output the merge could never write (see the module docstring)."""
+    output = Path(output)
+    check_output_path(output, "--output", "file")
+    check_output_path(shards_root(output), f"--output {output}: its shard folder", "folder")
+    check_output_path(merged_manifest_path(output), f"--output {output}: its manifest", "file")
+
+
+def model_override(pilot_provenance: dict | None, provenance: dict | None) -> dict:
+    """{"model": {"from": pilot's identity, "to": this one}} when the model is not the pilot's
+    (by content hashes), else {}: how a manifest's `overrides` records another model."""
+    if same_model(pilot_provenance, provenance):
+        return {}
+    return {"model": {"from": model_identity(pilot_provenance), "to": model_identity(provenance)}}
 
 
 def plan_shards(count: int, num_shards: int, base_seed: int, output: Path) -> list[ShardSpec]:
@@ -229,11 +249,11 @@ def merge_shards(specs: list[ShardSpec], count: int, expected_configs: dict[int,
         raise RefusedError("cannot merge: shard(s) not complete: " + ", ".join(f"{i} ({st})" for i, st in sorted(bad.items())))
     manifests = [read_manifest(s.manifest_path) for s in specs]
     identity = None
-    for spec, manifest in zip(specs, manifests):
+    for spec, manifest in zip(specs, manifests, strict=True):
         expected = json.loads(json.dumps(expected_configs[spec.index]))
         if manifest.get("config") != expected:
-            diff = sorted(k for k in set(expected) | set(manifest.get("config") or {}) if (manifest.get("config") or {}).get(k) != expected.get(k))
-            raise RefusedError(f"cannot merge: shard {spec.index} was made with a different configuration (differs in: {', '.join(diff)}); "
+            diff = describe_differences(manifest.get("config") or {}, expected, "config")
+            raise RefusedError(f"cannot merge: shard {spec.index} was made with a different configuration (differs in: {'; '.join(diff)}); "
                                "merge with the flags that made the shards")
         ident = model_identity(manifest.get("model_provenance"))
         if identity is not None and not same_model(ident, identity):
@@ -253,7 +273,7 @@ def merge_shards(specs: list[ShardSpec], count: int, expected_configs: dict[int,
     qc = compute_qc(judged, qc_thresholds, phase_counts)
     shards = [{**s.as_dict(), "manifest": str(s.manifest_path), "manifest_sha256": sha256_file(s.manifest_path),
                "data_sha256": m["outputs"]["data"]["sha256"], "records": m.get("records"), "qc_passed": m["qc"]["passed"],
-               "wall_seconds": m.get("wall_seconds")} for s, m in zip(specs, manifests)]
+               "wall_seconds": m.get("wall_seconds")} for s, m in zip(specs, manifests, strict=True)]
     dedup = {"threshold": threshold, "exact_removed": kinds["exact"], "near_removed": kinds["near"],
              "held_out_overlaps_removed": kinds["held_out_overlap"], "removed": removed,
              "records_before": sum(map(len, data)), "records_after_dedup": len(kept), "truncated_to_count": len(kept) - len(records)}

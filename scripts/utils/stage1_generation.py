@@ -1,38 +1,66 @@
-"""The five generation phases shared by the pilot and every scale shard.
+"""The five generation phases shared by the pilot and every scale shard, their settings, and the one
+function that turns a folder into a finished run (`generate_into_folder`).
 
 1 the base model continues few-shot numbered lists (new instructions); 2 pre-filters, duplicate
 removal and the instruction critic; 3 responses in completion form; 4 the pair critic; 5 QC.
-Each phase appends to its own JSONL in `out_dir`, keyed by candidate id, so a killed run resumes
-where it stopped with no record lost or written twice. Work proceeds in rounds until `count`
-pairs are accepted (or `max_rounds` is reached); a round's size depends only on earlier rounds.
+Each phase appends typed records (`utils.records`) to its own JSONL in the folder, keyed by
+candidate id, so a killed run resumes where it stopped with no record lost or written twice. Work
+proceeds in rounds until `count` pairs are accepted (or `max_rounds` is reached); a round's size
+depends only on earlier rounds.
+
+Settings: every default lives once, in `Stage1Config`. A named calibration (`utils.calibration`)
+changes some of them for a model; a flag changes one more and is recorded as an override. The
+flags, their allowed ranges and the check of values read back from a manifest all come from
+`TUNABLE_SETTINGS` and `CONFIG_RANGES` below.
+
+A folder belongs to one run: `run_config.json` records its configuration and the model's identity
+(content hashes: `provenance_helper.model_identity`, not the name the model was given). A rerun
+with the same resumes; any other is refused (exit 2) naming each field that differs, both values.
+The folder is claimed only once the model has loaded, so a start that failed on a bad `--model`
+or `--dtype` leaves nothing that would refuse the corrected rerun.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import random
 import re
+import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .clean_model_loader import contains_chat_marker, encode_continuation
+from .cli_validation import Range, check_values, in_range, non_negative_int, positive_float, positive_int, probability
 from .completion_prompts import PROMPT_VERSIONS, SEED_INSTRUCTIONS, CompletionStylePrompts
 from .dedup import NearDuplicateIndex
+from .exit_codes import BadInputError
 from .generation import GenerationEngine, SamplingParams
 from .instruction_critic import InstructionCritic
-from .jsonl_io import JsonlAppender
-from .qc import compute_qc
+from .jsonl_io import JsonlAppender, check_output_file
+from .prompt_guards import contains_chat_marker, encode_continuation
+from .provenance_helper import MODEL_IDENTITY_KEYS, model_identity, same_model
+from .qc import QC_THRESHOLD_RANGES, QC_THRESHOLDS, compute_qc
+from .records import CandidateRecord, InstructionRecord, JudgedPairRecord, ResponseRecord, SFTExampleRecord, unique_by_id
 
-__all__ = ["Stage1Config", "run_stage1_generation", "prefilter_instruction", "PHASE_FILES"]
+__all__ = ["Stage1Config", "PHASE_FILES", "SFT_DATA_FILE", "RUN_CONFIG_FILE", "prefilter_instruction", "run_stage1_generation",
+           "Setting", "TUNABLE_SETTINGS", "CONFIG_RANGES", "setting_value", "with_settings", "apply_flags", "pilot_config",
+           "scale_config", "config_from_dict", "config_from_manifest", "add_generation_arguments", "DefaultsHelpFormatter",
+           "describe_differences", "check_run_identity", "claim_output_dir", "check_output_path", "GenerationJob",
+           "generate_into_folder"]
 
 PHASE_FILES = {"candidates": "phase1_candidates.jsonl", "instructions": "phase2_instructions.jsonl",
                "responses": "phase3_responses.jsonl", "judged": "phase4_judged.jsonl"}
+SFT_DATA_FILE = "sft_data.jsonl"
+RUN_CONFIG_FILE = "run_config.json"
 _URL = re.compile(r"https?://|www\.|\.com\b", re.IGNORECASE)
 
 
 @dataclass
 class Stage1Config:
+    """Every default of the generation stages (DESIGN.md's, from the source)."""
+
     count: int = 100
     seed: int = 42
     instruction: SamplingParams = field(default_factory=lambda: SamplingParams(0.7, 0.9, 1.1, 48))
@@ -45,12 +73,306 @@ class Stage1Config:
     near_duplicate_threshold: float = 0.7
     first_round_oversample: float = 3.0
     max_rounds: int = 6
-    qc_thresholds: dict = field(default_factory=dict)
+    qc_thresholds: dict = field(default_factory=lambda: dict(QC_THRESHOLDS))
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+# -- settings: the one table behind the flags, calibrations, overrides and manifest checks ----
+@dataclass(frozen=True)
+class Setting:
+    """A setting a flag or a calibration may change: where it sits in `Stage1Config.as_dict()`,
+    what it may be (None: an on/off switch) and what it does."""
+
+    path: tuple[str, ...]
+    allowed: Range | None
+    help: str
+
+    @property
+    def name(self) -> str:
+        """The flag's dest, and the key in a manifest's `overrides` and a calibration's `values`."""
+        return f"qc_{self.path[1]}" if self.path[0] == "qc_thresholds" else "_".join(self.path)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+_SAMPLING_SETTINGS = {
+    "temperature": (in_range(float, 0), "sampling temperature (0 = greedy decoding)"),
+    "top_p": (in_range(float, 0, 1, low_open=True), "nucleus top-p"),
+    "repetition_penalty": (positive_float, "repetition penalty (1 = none)"),
+    "max_new_tokens": (positive_int, "token budget (using it all counts as a token-limit hit)"),
+}
+TUNABLE_SETTINGS = (
+    *(Setting((part, name), allowed, f"{text} of {part}s") for part in ("instruction", "response")
+      for name, (allowed, text) in _SAMPLING_SETTINGS.items()),
+    Setting(("confidence_threshold",), in_range(float), "critic log-prob margin log P(A) - log P(B) needed to accept"),
+    Setting(("label_swap",), None, "ask each critic item twice with A/B swapped and average the margins"),
+    Setting(("max_rounds",), positive_int, "generation rounds allowed to reach the count"),
+    *(Setting(("qc_thresholds", key), allowed, f"QC gate {key}") for key, allowed in QC_THRESHOLD_RANGES.items()),
+)
+_SETTINGS_BY_NAME = {setting.name: setting for setting in TUNABLE_SETTINGS}
+# Every numeric field of a config, by dotted path: what a config read back from a manifest must satisfy.
+CONFIG_RANGES = {
+    **{".".join(s.path): s.allowed for s in TUNABLE_SETTINGS if s.allowed is not None},
+    "count": positive_int, "seed": non_negative_int, "num_examples": positive_int, "min_words": positive_int,
+    "max_words": positive_int, "near_duplicate_threshold": probability, "first_round_oversample": positive_float,
+}
+
+
+def setting_value(config: Stage1Config, setting: Setting):
+    node = config.as_dict()
+    for key in setting.path:
+        node = node[key]
+    return node
+
+
+def with_settings(config: Stage1Config, values: dict) -> Stage1Config:
+    """A copy of `config` with settings (by `Setting.name`) replaced."""
+    data = config.as_dict()
+    for name, value in values.items():
+        *parents, leaf = _SETTINGS_BY_NAME[name].path
+        node = data
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return config_from_dict(data)
+
+
+def apply_flags(config: Stage1Config, args) -> tuple[Stage1Config, dict]:
+    """`config` with every setting flag that was given; returns it and the overrides
+    ({name: {"from": value before, "to": flag value}}) for flags that changed something."""
+    values, overrides = {}, {}
+    for setting in TUNABLE_SETTINGS:
+        value = getattr(args, setting.name, None)
+        current = setting_value(config, setting)
+        if value is not None and value != current:
+            values[setting.name] = value
+            overrides[setting.name] = {"from": current, "to": value}
+    return with_settings(config, values), overrides
+
+
+def pilot_config(args, calibration) -> tuple[Stage1Config, dict]:
+    """The pilot's configuration: Stage1Config's defaults, the calibration's values over them, the flags over those."""
+    base = with_settings(replace(Stage1Config(), count=args.count, seed=args.seed), calibration.values)
+    return apply_flags(base, args)
+
+
+def scale_config(pilot_manifest: dict, args, source: str) -> tuple[Stage1Config, dict]:
+    """The scale stage's configuration: the pilot's validated one (checked like a flag would be),
+    with --count, --seed when given, and the setting flags as recorded overrides. Pure: `args` is
+    not changed."""
+    base = config_from_manifest(pilot_manifest.get("config"), source)
+    base = replace(base, count=args.count, seed=base.seed if args.seed is None else args.seed)
+    return apply_flags(base, args)
+
+
+def config_from_dict(data: dict) -> Stage1Config:
+    data = dict(data)
+    data["instruction"] = SamplingParams(**data["instruction"])
+    data["response"] = SamplingParams(**data["response"])
+    return Stage1Config(**data)
+
+
+def config_from_manifest(data, source: str) -> Stage1Config:
+    """A config read back from a manifest, refused (BadInputError, exit 2, naming `source` and the
+    field) where a field is missing, unknown or outside the range its flag allows."""
+    where = f"{source}: config"
+    if not isinstance(data, dict):
+        raise BadInputError(f"{where}: expected an object, got {type(data).__name__}")
+    shapes = {"": (data, Stage1Config().as_dict())}
+    for part in ("instruction", "response", "qc_thresholds"):
+        if isinstance(data.get(part), dict):
+            shapes[f"{part}."] = (data[part], Stage1Config().as_dict()[part])
+    for prefix, (given, expected) in shapes.items():
+        missing, unknown = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+        if missing or unknown:
+            raise BadInputError(f"{where}: " + "; ".join(
+                [f"missing field(s) {', '.join(prefix + k for k in missing)}"] * bool(missing) +
+                [f"unknown field(s) {', '.join(prefix + k for k in unknown)}"] * bool(unknown)))
+        for key, value in given.items():
+            if isinstance(expected[key], dict) and not isinstance(value, dict):
+                raise BadInputError(f"{where}: {prefix}{key}: expected an object, got {value!r}")
+    if not isinstance(data["label_swap"], bool):
+        raise BadInputError(f"{where}: label_swap: got {data['label_swap']!r}, expected true or false")
+    flat = {path: _dotted(data, path) for path in CONFIG_RANGES}
+    check_values(flat, CONFIG_RANGES, where)
+    return config_from_dict(data)
+
+
+def _dotted(data: dict, path: str):
+    for key in path.split("."):
+        data = data[key]
+    return data
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where it is None: there the help says where the value comes from."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser, inherited_from: str | None = None) -> None:
+    """The tunable settings as flags, each checked against its range at parse time (exit 2 naming it).
+
+    Every default is None, so an explicit flag can be told from a value taken elsewhere: from the
+    calibration over Stage1Config (the pilot) or from `inherited_from` (the scale stage's pilot manifest).
+    """
+    defaults = Stage1Config()
+    groups = {"generation": parser.add_argument_group("generation settings"),
+              "qc": parser.add_argument_group("QC thresholds (the gate)")}
+    for setting in TUNABLE_SETTINGS:
+        group = groups["qc" if setting.path[0] == "qc_thresholds" else "generation"]
+        source = inherited_from or f"{setting_value(defaults, setting)}, or the calibration's value"
+        if setting.allowed is None:
+            group.add_argument(setting.flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{setting.help} (default: {source})")
+        else:
+            group.add_argument(setting.flag, type=setting.allowed, default=None, metavar=setting.allowed.kind.__name__.upper(),
+                               help=f"{setting.help}; {setting.allowed.describe()} (default: {source})")
+    parser.add_argument("--compile", action="store_true",
+                        help="GPU only: torch.compile the decode step and the critic's forward pass; each new batch shape "
+                             "first compiles (35-45 s on an H100), so it pays off on long runs of one model")
+
+
+# -- the folder: checked early, claimed once the model has loaded -----------------------------
+_ABSENT = object()
+
+
+def _shown(value) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value, sort_keys=True)
+
+
+def describe_differences(old, new, prefix: str = "") -> list[str]:
+    """One "path: old -> new" line per differing leaf, nested keys joined by dots."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        lines = []
+        for key in sorted(set(old) | set(new), key=str):
+            lines += describe_differences(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{prefix}.{key}" if prefix else str(key))
+        return lines
+    return [] if old == new else [f"{prefix}: {_shown(old)} -> {_shown(new)}"]
+
+
+def _model_differences(old, new) -> list[str]:
+    old = model_identity(old if isinstance(old, dict) else {})
+    new = model_identity(new if isinstance(new, dict) else {})
+    if same_model(old, new):
+        return []  # the same weights under another name or path: a resume
+    keys = (*MODEL_IDENTITY_KEYS, "model_id")
+    return describe_differences({k: old[k] for k in keys}, {k: new[k] for k in keys}, "model")
+
+
+def check_run_identity(folder: Path, identity: dict) -> bool:
+    """Whether `folder` already holds a run of this identity (a resume: True) or none (False);
+    BadInputError naming every field that differs otherwise. Only the keys of `identity` are
+    compared; "model" by `same_model` (content hashes)."""
+    path = Path(folder) / RUN_CONFIG_FILE
+    if not path.exists():
+        return False
+    try:
+        existing = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadInputError(f"{path}: unreadable ({err}); use a new --output") from None
+    if not isinstance(existing, dict):
+        raise BadInputError(f"{path}: expected a JSON object; use a new --output")
+    new = json.loads(json.dumps(identity))
+    differences = []
+    for key, value in new.items():
+        if key == "model":
+            differences += _model_differences(existing.get(key), value)
+        else:
+            differences += describe_differences(existing.get(key, _ABSENT), value, key)
+    if differences:
+        raise BadInputError(f"{folder} holds a run with a different configuration (differs in: {'; '.join(differences)}); "
+                            "use a new --output, or the same settings and model to resume")
+    return True
+
+
+def claim_output_dir(folder: Path, identity: dict) -> bool:
+    """Record what `folder` is being made with, or check it against what it was made with.
+    Returns True when the folder already held work of the same identity (a resume)."""
+    from .provenance_helper import write_manifest_atomic
+
+    if check_run_identity(folder, identity):
+        return True
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    write_manifest_atomic(Path(folder) / RUN_CONFIG_FILE, identity)
+    return False
+
+
+def check_output_path(path: Path, flag: str, kind: str) -> None:
+    """BadInputError (exit 2) now, before any work, for an output that could never be written as
+    `kind` ("file" or "folder"): a folder where a file goes, a file where a folder goes, or a
+    path below a file."""
+    path = Path(path)
+    if kind == "folder" and path.exists():
+        if not path.is_dir():
+            raise BadInputError(f"{flag} {path} is a file; it must name a folder")
+        return
+    try:
+        check_output_file(path)  # for a folder not made yet: that each existing parent is a folder
+    except BadInputError as err:
+        raise BadInputError(f"{flag} {err}") from None
+
+
+# -- one run into one folder: the pilot's, or one scale shard's --------------------------------
+@dataclass(frozen=True)
+class GenerationJob:
+    stage: str  # the manifest's "stage": "pilot" or "scale_shard"
+    folder: Path
+    config: Stage1Config
+    manifest_name: str
+    log_prefix: str
+    key_prefix: str = ""
+    inputs: dict = field(default_factory=dict)  # role -> path, hashed into the manifest
+    manifest_extra: dict = field(default_factory=dict)  # calibration, overrides, shard facts, ...
+
+    def identity(self, provenance: dict) -> dict:
+        """What the folder's run is: its config, the model's identity and dtype, its key prefix."""
+        return {"config": self.config.as_dict(), "model": model_identity(provenance), "dtype": provenance.get("dtype"),
+                "key_prefix": self.key_prefix}
+
+
+def generate_into_folder(job: GenerationJob, loaded: tuple, args, *, batch_size: int, show_progress: bool,
+                         compile: bool = False) -> dict:
+    """Claim the folder, run (or resume) the phases, write the accepted pairs and then the manifest.
+
+    `loaded` is the loader's (model, tokenizer, provenance). Returns {"qc", "records", "data_path",
+    "manifest_path"}.
+    """
+    from .jsonl_io import write_jsonl_atomic
+    from .provenance_helper import create_session_manifest, write_manifest_atomic
+    from .qc import format_qc_table
+
+    model, tokenizer, provenance = loaded
+    folder, config = Path(job.folder), job.config
+    resumed = claim_output_dir(folder, job.identity(provenance))
+    print(f"{job.log_prefix} {'resuming' if resumed else 'starting'} ({config.count} pairs, seed {config.seed}) in {folder}",
+          flush=True)
+    manifest_path = folder / job.manifest_name
+    manifest_path.unlink(missing_ok=True)  # a manifest on disk vouches for the data beside it, which is about to change
+    start = time.time()
+    result = run_stage1_generation(model, tokenizer, config, folder, batch_size=batch_size, show_progress=show_progress,
+                                   key_prefix=job.key_prefix, compile=compile)
+    data_path = folder / SFT_DATA_FILE
+    write_jsonl_atomic(data_path, result["final"])
+    qc = result["qc"]
+    if len(result["final"]) < config.count:
+        qc["shortfall"] = f"{len(result['final'])} accepted of {config.count} asked after {config.max_rounds} rounds"
+    manifest = create_session_manifest(
+        job.stage, args, outputs={"data": data_path, "judged": folder / PHASE_FILES["judged"]}, inputs=job.inputs, qc=qc,
+        config=config.as_dict(), prompt_versions=dict(PROMPT_VERSIONS), model_provenance=provenance,
+        phase_counts=result["phase_counts"], wall_seconds=round(time.time() - start, 1), resumed=resumed,
+        records=len(result["final"]), **job.manifest_extra)
+    write_manifest_atomic(manifest_path, manifest)
+    print(format_qc_table(qc))
+    return {"qc": qc, "records": len(result["final"]), "data_path": data_path, "manifest_path": manifest_path}
+
+
+# -- the phases --------------------------------------------------------------------------------
 def prefilter_instruction(text: str, finish_reason: str, examples: list[str], config: Stage1Config) -> str | None:
     """The reason a candidate is dropped before the critic, or None if it passes."""
     words = text.split()
@@ -72,15 +394,10 @@ def prefilter_instruction(text: str, finish_reason: str, examples: list[str], co
     return None
 
 
-def _round_of(key: str) -> int:
-    return int(key[1:3])
-
-
 def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path, batch_size: int = 16,
                           show_progress: bool = True, key_prefix: str = "", compile: bool = False) -> dict:
-    """Run (or resume) the phases; returns {"final": records, "qc": summary, "phase_counts": counts}."""
+    """Run (or resume) the phases; returns {"final": SFT example dicts, "qc": summary, "phase_counts": counts}."""
     out_dir = Path(out_dir)
-    prompts = CompletionStylePrompts
     engine = GenerationEngine(model, tokenizer, batch_size=batch_size, seed=config.seed, show_progress=show_progress,
                               compile=compile)
     critic = InstructionCritic(model, tokenizer, batch_size=batch_size, confidence_threshold=config.confidence_threshold,
@@ -88,29 +405,32 @@ def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path,
     files = {name: JsonlAppender(out_dir / file_name) for name, file_name in PHASE_FILES.items()}
     try:
         for round_index in range(config.max_rounds):
-            earlier = [r for r in files["judged"].records if _round_of(r["id"][len(key_prefix):]) < round_index]
-            accepted_before = sum(r["pair_critic"]["accepted"] for r in earlier)
+            accepted_before = sum(r["pair_critic"]["accepted"] for r in _records(files["judged"]) if r["round"] < round_index)
             need = config.count - accepted_before
             if need <= 0:
                 break
-            earlier_candidates = sum(_round_of(r["id"][len(key_prefix):]) < round_index for r in files["candidates"].records)
+            earlier_candidates = sum(r["round"] < round_index for r in _records(files["candidates"]))
             yield_so_far = accepted_before / earlier_candidates if earlier_candidates else 0.0
             # A round never asks for more than 12.5x what is missing, so a near-zero yield fails in
             # bounded time instead of generating thousands of candidates.
             factor = config.first_round_oversample if round_index == 0 else 1.25 / max(yield_so_far, 0.1)
             n_candidates = max(1, math.ceil(need * factor))
             keys = [f"{key_prefix}r{round_index:02d}-{i:05d}" for i in range(n_candidates)]
-            _phase1(engine, files["candidates"], keys, config)
-            _phase2(critic, files, keys, config, key_prefix)
+            _phase1(engine, files["candidates"], keys, round_index, config)
+            _phase2(critic, files, keys, config)
             _phase3(engine, tokenizer, files, keys, config)
-            _phase4(critic, files, keys, config)
+            _phase4(critic, files, keys)
     finally:
         for appender in files.values():
             appender.close()
-    return _summarize(files, config, tokenizer)
+    return _summarize(files, config)
 
 
-def _phase1(engine: GenerationEngine, appender: JsonlAppender, keys: list[str], config: Stage1Config) -> None:
+def _records(appender: JsonlAppender) -> list[dict]:
+    return unique_by_id(appender.records)
+
+
+def _phase1(engine: GenerationEngine, appender: JsonlAppender, keys: list[str], round_index: int, config: Stage1Config) -> None:
     todo, examples_by_key = [], {}
     for key in keys:
         if key in appender:
@@ -122,21 +442,23 @@ def _phase1(engine: GenerationEngine, appender: JsonlAppender, keys: list[str], 
     stops = CompletionStylePrompts.instruction_stop_strings(config.num_examples)
 
     def save(result) -> None:
-        appender.append({"id": result.key, "raw": result.text, "finish_reason": result.finish_reason,
-                         "instruction": CompletionStylePrompts.clean_generated_instruction(result.text),
-                         "examples": examples_by_key[result.key]})
+        appender.append(CandidateRecord(
+            id=result.key, round=round_index, raw_instruction=result.text,
+            instruction=CompletionStylePrompts.clean_generated_instruction(result.text), finish_reason=result.finish_reason,
+            n_generated_tokens=result.n_generated_tokens, examples=examples_by_key[result.key],
+            prompt_version=PROMPT_VERSIONS["instruction_generation"]).to_dict())
 
     engine.generate(todo, config.instruction, stops, on_result=save, description="phase 1 instructions")
 
 
-def _phase2(critic: InstructionCritic, files: dict, keys: list[str], config: Stage1Config, key_prefix: str) -> None:
+def _phase2(critic: InstructionCritic, files: dict, keys: list[str], config: Stage1Config) -> None:
     index = NearDuplicateIndex(config.near_duplicate_threshold)
     for i, text in enumerate(SEED_INSTRUCTIONS):
         index.add(f"seed-{i}", text)
-    for record in sorted(files["instructions"].records, key=lambda r: r["id"]):
+    for record in sorted(_records(files["instructions"]), key=lambda r: r["id"]):
         if record["filter"] is None:
             index.add(record["id"], record["instruction"])
-    candidates = {r["id"]: r for r in files["candidates"].records}
+    candidates = {r["id"]: r for r in _records(files["candidates"])}
     survivors, verdicts = [], {}
     for key in keys:  # in id order, so "first one wins" is deterministic
         if key in files["instructions"] or key not in candidates:
@@ -151,163 +473,66 @@ def _phase2(critic: InstructionCritic, files: dict, keys: list[str], config: Sta
         if reason is None:
             index.add(key, cand["instruction"])
             survivors.append(key)
-    decisions = dict(zip(survivors, critic.critique_instructions_batch([candidates[k]["instruction"] for k in survivors])))
+    judged = critic.critique_instructions_batch([candidates[k]["instruction"] for k in survivors])
+    decisions = dict(zip(survivors, judged, strict=True))
     for key, reason in verdicts.items():
         decision = decisions.get(key)
-        files["instructions"].append({"id": key, "instruction": candidates[key]["instruction"], "filter": reason,
-                                      "instruction_critic": decision, "accepted": bool(decision and decision["accepted"])})
+        files["instructions"].append(InstructionRecord(
+            id=key, round=candidates[key]["round"], instruction=candidates[key]["instruction"], filter=reason,
+            instruction_critic=decision, accepted=bool(decision and decision["accepted"])).to_dict())
 
 
 def _phase3(engine: GenerationEngine, tokenizer, files: dict, keys: list[str], config: Stage1Config) -> None:
     wanted = set(keys)
-    accepted = {r["id"]: r["instruction"] for r in files["instructions"].records if r["accepted"] and r["id"] in wanted}
-    todo = [(key, CompletionStylePrompts.create_response_prompt(text)) for key, text in sorted(accepted.items())
+    accepted = {r["id"]: r for r in _records(files["instructions"]) if r["accepted"] and r["id"] in wanted}
+    todo = [(key, CompletionStylePrompts.create_response_prompt(record["instruction"])) for key, record in sorted(accepted.items())
             if key not in files["responses"]]
 
     def save(result) -> None:
         cleaned = CompletionStylePrompts.clean_response(result.text)
-        files["responses"].append({
-            "id": result.key, "instruction": accepted[result.key], "raw_response": result.text,
-            "response": cleaned.text, "cleaner_cut": cleaned.was_cut, "finish_reason": result.finish_reason,
-            "n_generated_tokens": result.n_generated_tokens,
-            "n_tokens": len(encode_continuation(tokenizer, CompletionStylePrompts.format_completion(cleaned.text))) if cleaned.text else 0})
+        n_response_tokens = len(encode_continuation(tokenizer, CompletionStylePrompts.format_completion(cleaned.text))) if cleaned.text else 0
+        instruction = accepted[result.key]
+        files["responses"].append(ResponseRecord(
+            id=result.key, round=instruction["round"], instruction=instruction["instruction"], raw_response=result.text,
+            response=cleaned.text, was_cut=cleaned.was_cut, finish_reason=result.finish_reason,
+            n_generated_tokens=result.n_generated_tokens, n_response_tokens=n_response_tokens,
+            prompt_version=PROMPT_VERSIONS["response"]).to_dict())
 
     engine.generate(todo, config.response, CompletionStylePrompts.response_stop_strings(), on_result=save,
                     description="phase 3 responses")
 
 
-def _phase4(critic: InstructionCritic, files: dict, keys: list[str], config: Stage1Config) -> None:
+def _phase4(critic: InstructionCritic, files: dict, keys: list[str]) -> None:
     wanted = set(keys)
-    todo = [r for r in sorted(files["responses"].records, key=lambda r: r["id"]) if r["id"] in wanted and r["id"] not in files["judged"]]
+    todo = [r for r in sorted(_records(files["responses"]), key=lambda r: r["id"]) if r["id"] in wanted and r["id"] not in files["judged"]]
     judged_pairs = [r for r in todo if r["response"] and not contains_chat_marker(r["response"])]
-    decisions = dict(zip([r["id"] for r in judged_pairs],
-                         critic.critique_pairs_batch([(r["instruction"], r["response"]) for r in judged_pairs])))
-    instruction_decisions = {r["id"]: r["instruction_critic"] for r in files["instructions"].records}
+    judged = critic.critique_pairs_batch([(r["instruction"], r["response"]) for r in judged_pairs])
+    decisions = dict(zip([r["id"] for r in judged_pairs], judged, strict=True))
+    instruction_decisions = {r["id"]: r["instruction_critic"] for r in _records(files["instructions"])}
     for record in todo:
+        # Empty responses and chat markers are rejected without asking the critic: no margin.
         reason = "empty_response" if not record["response"] else "chat_marker"
         decision = decisions.get(record["id"]) or {"accepted": False, "margin": None, "reason": reason}
-        files["judged"].append({**record, "instruction_critic": instruction_decisions.get(record["id"]), "pair_critic": decision})
+        files["judged"].append(JudgedPairRecord.from_record(
+            record, instruction_critic=instruction_decisions.get(record["id"]), pair_critic=decision).to_dict())
 
 
-def _summarize(files: dict, config: Stage1Config, tokenizer) -> dict:
-    judged = sorted(files["judged"].records, key=lambda r: r["id"])
-    instructions = files["instructions"].records
+def _summarize(files: dict, config: Stage1Config) -> dict:
+    judged = sorted(_records(files["judged"]), key=lambda r: r["id"])
+    instructions = _records(files["instructions"])
+    responses = _records(files["responses"])
     phase_counts = {
-        "candidates": len(files["candidates"].records),
+        "candidates": len(_records(files["candidates"])),
         "prefilter_and_dedup": dict(Counter(r["filter"] or "passed" for r in instructions)),
         "instruction_critic_judged": sum(r["instruction_critic"] is not None for r in instructions),
         "instruction_critic_accepted": sum(r["accepted"] for r in instructions),
-        "responses": len(files["responses"].records),
-        "empty_responses": sum(not r["response"] for r in files["responses"].records),
+        "responses": len(responses),
+        "empty_responses": sum(not r["response"] for r in responses),
     }
     judged_instr = phase_counts["instruction_critic_judged"]
     phase_counts["instruction_critic_acceptance_rate"] = phase_counts["instruction_critic_accepted"] / judged_instr if judged_instr else None
     qc = compute_qc(judged, config.qc_thresholds, phase_counts)
+    generation = {"instruction": config.instruction.as_dict(), "response": config.response.as_dict()}
     accepted = [r for r in judged if r["pair_critic"]["accepted"]][: config.count]
-    final = [{"id": r["id"], "instruction": r["instruction"], "response": r["response"], "raw_response": r["raw_response"],
-              "finish_reason": r["finish_reason"], "n_tokens": r["n_tokens"], "n_generated_tokens": r["n_generated_tokens"],
-              "instruction_critic": r["instruction_critic"], "pair_critic": r["pair_critic"],
-              "generation": {"instruction": config.instruction.as_dict(), "response": config.response.as_dict()},
-              "seed": config.seed, "prompt_versions": dict(PROMPT_VERSIONS)} for r in accepted]
+    final = [SFTExampleRecord.from_record(r, generation=generation, seed=config.seed).to_dict() for r in accepted]
     return {"final": final, "qc": qc, "phase_counts": phase_counts}
-
-
-# -- command-line plumbing shared by the pilot and the scale script ---------------------------
-_PARAM_FLAGS = (
-    ("instruction", "temperature", 0.7, "sampling temperature for new instructions"),
-    ("instruction", "top_p", 0.9, "nucleus top-p for new instructions"),
-    ("instruction", "repetition_penalty", 1.1, "repetition penalty for new instructions"),
-    ("instruction", "max_new_tokens", 48, "token budget of one new instruction"),
-    ("response", "temperature", 0.3, "sampling temperature for responses"),
-    ("response", "top_p", 0.85, "nucleus top-p for responses"),
-    ("response", "repetition_penalty", 1.15, "repetition penalty for responses"),
-    ("response", "max_new_tokens", 80, "token budget of one response (hitting it counts as a token-limit hit)"),
-)
-GENERATION_PARAMETER_NAMES = [f"{group}_{name}" for group, name, _, _ in _PARAM_FLAGS] + ["confidence_threshold"]
-__all__ += ["add_generation_arguments", "config_from_args", "config_from_dict", "claim_output_dir", "GENERATION_PARAMETER_NAMES"]
-
-
-def add_generation_arguments(parser, defaults_from_pilot: bool = False) -> None:
-    """The nine tunable parameters (with DESIGN.md's defaults) and the QC thresholds.
-
-    With `defaults_from_pilot`, every default is None so the caller can tell an explicit override
-    from a value to take from the pilot manifest.
-    """
-    from .qc import QC_THRESHOLDS
-
-    group = parser.add_argument_group("generation parameters")
-    for part, name, default, help_text in _PARAM_FLAGS:
-        kind = int if name == "max_new_tokens" else float
-        group.add_argument(f"--{part}-{name.replace('_', '-')}", type=kind, default=None if defaults_from_pilot else default,
-                           help=f"{help_text} (default {default}{', or the pilot' + chr(39) + 's' if defaults_from_pilot else ''})")
-    group.add_argument("--confidence-threshold", type=float, default=None if defaults_from_pilot else 1.0,
-                       help="critic log-prob margin log P(A) - log P(B) needed to accept (default 1.0)")
-    parser.add_argument("--compile", action="store_true",
-                        help="GPU only: torch.compile the decode step and the critic's forward pass; each new batch shape "
-                             "first compiles (35-45 s on an H100), so it pays off on long runs of one model")
-    qc = parser.add_argument_group("QC thresholds")
-    for key, value in QC_THRESHOLDS.items():
-        qc.add_argument(f"--qc-{key.replace('_', '-')}", type=type(value), default=None if defaults_from_pilot else value,
-                        help=f"QC gate: {key} (default {value})")
-
-
-def config_from_args(args, base: Stage1Config | None = None) -> tuple[Stage1Config, dict]:
-    """Build the config; returns it and the parameters that the command line overrode on `base`."""
-    from .qc import QC_THRESHOLDS
-
-    config = base or Stage1Config()
-    overrides = {}
-    params = {"instruction": config.instruction.as_dict(), "response": config.response.as_dict()}
-    for part, name, _, _ in _PARAM_FLAGS:
-        value = getattr(args, f"{part}_{name}")
-        if value is not None and value != params[part][name]:
-            overrides[f"{part}_{name}"] = {"from": params[part][name], "to": value}
-        if value is not None:
-            params[part][name] = value
-    threshold = config.confidence_threshold if args.confidence_threshold is None else args.confidence_threshold
-    if threshold != config.confidence_threshold:
-        overrides["confidence_threshold"] = {"from": config.confidence_threshold, "to": threshold}
-    qc_thresholds = dict(config.qc_thresholds)
-    for key in QC_THRESHOLDS:
-        value = getattr(args, f"qc_{key}")
-        if value is not None and value != qc_thresholds.get(key, QC_THRESHOLDS[key]):
-            overrides[f"qc_{key}"] = {"from": qc_thresholds.get(key, QC_THRESHOLDS[key]), "to": value}
-            qc_thresholds[key] = value
-    new = Stage1Config(count=args.count, seed=args.seed, instruction=SamplingParams(**params["instruction"]),
-                       response=SamplingParams(**params["response"]), confidence_threshold=threshold,
-                       label_swap=args.label_swap, num_examples=config.num_examples, min_words=config.min_words,
-                       max_words=config.max_words, near_duplicate_threshold=config.near_duplicate_threshold,
-                       first_round_oversample=config.first_round_oversample, max_rounds=args.max_rounds,
-                       qc_thresholds=qc_thresholds)
-    return new, overrides
-
-
-def config_from_dict(data: dict) -> Stage1Config:
-    data = dict(data)
-    data["instruction"] = SamplingParams(**data["instruction"])
-    data["response"] = SamplingParams(**data["response"])
-    return Stage1Config(**data)
-
-
-def claim_output_dir(out_dir: Path, run_identity: dict) -> bool:
-    """Record what this folder is being made with; refuse a different configuration.
-
-    Returns True when the folder already held work of the same configuration (a resume).
-    """
-    import json
-
-    from .exit_codes import BadInputError
-    from .provenance_helper import write_manifest_atomic
-
-    out_dir = Path(out_dir)
-    path = out_dir / "run_config.json"
-    if path.exists():
-        existing = json.loads(path.read_text())
-        if existing != json.loads(json.dumps(run_identity)):
-            changed = sorted(k for k in set(existing) | set(run_identity) if existing.get(k) != json.loads(json.dumps(run_identity.get(k))))
-            raise BadInputError(f"{out_dir} holds a run with a different configuration (differs in: {', '.join(changed)}); "
-                                "use a new --output, or the same flags to resume")
-        return True
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_manifest_atomic(path, run_identity)
-    return False

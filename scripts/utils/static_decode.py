@@ -23,7 +23,7 @@ engine falls back to `generate` otherwise.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["StaticDecoder", "supports_static_decode", "process_scores", "nucleus_keep_mask", "decode_attention",
            "report_compile_failure", "TOP_P_CANDIDATES"]
@@ -361,7 +361,7 @@ class StaticDecoder:
             StaticDecoder.capture_failed = True
             print(f"[static_decode] CUDA graph capture failed, decoding eagerly from now on: {err}", flush=True)
             return None
-        for buffer, value in zip(buffers, saved):
+        for buffer, value in zip(buffers, saved, strict=True):
             buffer.copy_(value)  # the key/value slot the rehearsal wrote is rewritten by the real step
         for layer, count in counts:
             layer.cumulative_length_int = count

@@ -8,20 +8,27 @@ Record schema (all types): id ("test_0001"), type, template, instruction, plus
   factual                expected_answers, distractors, case_sensitive
   explanation            keywords, min_words
   list_generation        n_items
-  instruction_following  constraint and the field it names (max_words | required_keyword |
-                         start_word | num_sentences; all_caps needs none)
+  instruction_following  task (the base task), constraints (one or two, in `constraints.to_record`
+                         form, worded with TEST wordings only), constraint_split ("trained": every
+                         family is one Stage 1 trains on; "held_out": every family is held out of
+                         training), catalogue_version
   creative               min_words, max_words, topic_keyword
 
 Scorers take the response as given (already cleaned) and return
 {"scored": bool, "success": bool | None, "reason": str}. An empty response always fails.
+instruction_following success is every constraint passing its catalogue checker (the same checkers
+Stage 1 uses); its result also lists each constraint's outcome under "constraints".
+`group_instruction_following` splits those outcomes by constraint_split and by family.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from typing import Callable
+from collections.abc import Callable
 
+from . import constraints as catalogue
+from .constraints import count_sentences, count_words, list_items, words
 from .exit_codes import BadInputError
 
 __all__ = [
@@ -36,6 +43,9 @@ __all__ = [
     "score_list_generation",
     "score_instruction_following",
     "score_creative",
+    "group_instruction_following",
+    "record_constraints",
+    "IF_SPLITS",
     "count_words",
     "count_sentences",
     "list_items",
@@ -46,7 +56,7 @@ REQUIRED_FIELDS = {
     "factual": ("expected_answers", "distractors"),
     "explanation": ("keywords", "min_words"),
     "list_generation": ("n_items",),
-    "instruction_following": ("constraint",),
+    "instruction_following": ("constraints", "constraint_split"),
     "creative": ("min_words", "max_words"),
 }
 
@@ -214,32 +224,29 @@ _SUBJECTS = ("the ocean", "your favourite food", "a rainy day", "the moon", "a b
              "a quiet library", "the mountains", "a cup of coffee", "a train journey", "a garden", "the night sky",
              "a birthday party", "a forest", "the beach", "a thunderstorm", "a school day", "music", "friendship",
              "a sunrise", "autumn", "a bicycle ride", "a street market", "a river")
-_REQUIRED_WORDS = ("bright quiet happy green ancient gentle golden journey morning silver whisper beautiful "
-                   "cold warm small blue sound light friend remember").split()
-_START_WORDS = "Today Every Sometimes Although Yesterday Imagine Beneath Many When Our".split()
-_CONSTRAINT_Q = {
-    "max_words": ("Describe {s} in no more than {k} words.", "In at most {k} words, tell me about {s}."),
-    "required_keyword": ('Write one sentence about {s} that uses the word "{k}".',
-                         'Write a short sentence about {s} and include the word "{k}".'),
-    "all_caps": ("Write a sentence about {s} using only capital letters.",
-                 "Describe {s} in one sentence, written entirely in uppercase letters."),
-    "start_word": ('Write a sentence about {s} that starts with the word "{k}".',
-                   'Begin your answer with the word "{k}" and describe {s}.'),
-    "num_sentences": ("Describe {s} in exactly {k} sentences.", "Write exactly {k} sentences about {s}."),
-}
+_TASKS = ("Write about {s}.", "Describe {s}.", "Tell me about {s}.", "Write a short text about {s}.",
+          "Share your thoughts on {s}.")
+IF_SPLITS = ("trained", "held_out")
 
 
-def _instruction_following(rng: random.Random):
-    constraint = rng.choice(sorted(_CONSTRAINT_Q))
-    subject = rng.choice(_SUBJECTS)
-    value = {"max_words": lambda: rng.choice((10, 15, 20, 25, 30)),
-             "required_keyword": lambda: rng.choice(_REQUIRED_WORDS),
-             "all_caps": lambda: None,
-             "start_word": lambda: rng.choice(_START_WORDS),
-             "num_sentences": lambda: rng.randint(2, 4)}[constraint]()
-    index = rng.randrange(len(_CONSTRAINT_Q[constraint]))
-    meta = {"constraint": constraint} | ({} if value is None else {constraint: value})
-    return f"{constraint}_{index + 1}", _CONSTRAINT_Q[constraint][index].format(s=subject, k=value), meta
+def _instruction_following(rng: random.Random, slot: int):
+    """A base task plus one or two catalogue constraints in TEST wordings; slots alternate between
+    trained and held-out families, so each split gets half of the type (the first slot's split gets
+    the odd one)."""
+    split = IF_SPLITS[slot % 2]
+    pool = catalogue.HELD_OUT_FAMILIES if split == "held_out" else catalogue.TRAINED_FAMILIES
+    task_index = rng.randrange(len(_TASKS))
+    task = _TASKS[task_index].format(s=rng.choice(_SUBJECTS))
+    families = [rng.choice(pool)]
+    if rng.random() < 0.5:
+        partners = [f for f in pool if catalogue.compatible(families[0], f)]
+        if partners:
+            families.append(rng.choice(partners))
+    instruction, constraints = catalogue.build_instruction(
+        task, [catalogue.sample_constraint(f, rng, split="test") for f in families])
+    template = "+".join([f"task{task_index + 1}"] + [c.wording_id for c in constraints])
+    return template, instruction, {"task": task, "constraints": [catalogue.to_record(c) for c in constraints],
+                                   "constraint_split": split, "catalogue_version": catalogue.CATALOGUE_VERSION}
 
 
 # ---- creative --------------------------------------------------------------------------------
@@ -267,9 +274,12 @@ def _creative(rng: random.Random):
     return f"{form}_{index + 1}", phrasing.format(t=topic), {"min_words": low, "max_words": high, "topic_keyword": keyword}
 
 
-_GENERATORS: dict[str, Callable] = {"factual": _factual, "explanation": _explanation,
-                                    "list_generation": _list_generation,
-                                    "instruction_following": _instruction_following, "creative": _creative}
+# (rng, slot) -> (template, instruction, metadata); slot is the record's position within its type
+_GENERATORS: dict[str, Callable] = {"factual": lambda rng, slot: _factual(rng),
+                                    "explanation": lambda rng, slot: _explanation(rng),
+                                    "list_generation": lambda rng, slot: _list_generation(rng),
+                                    "instruction_following": _instruction_following,
+                                    "creative": lambda rng, slot: _creative(rng)}
 
 
 def build_test_set(count: int = 200, seed: int = 999) -> list[dict]:
@@ -277,11 +287,16 @@ def build_test_set(count: int = 200, seed: int = 999) -> list[dict]:
 
     Types are interleaved round-robin so that any prefix of the set covers every type. A drawn
     instruction already in the set is redrawn from the same generator, so the result stays a pure
-    function of (count, seed); a count larger than the template space raises.
+    function of (count, seed); a count larger than the template space raises. The constraint
+    catalogue is validated first (a broken family is bad input naming it).
     """
     if count < len(TYPES):
         raise BadInputError(f"test set count must be at least {len(TYPES)} (one per type), got {count}")
+    catalogue.validate_catalogue()
     rng = random.Random(seed)
+    # instruction_following draws from a stream of its own: a change to the constraint catalogue
+    # (a new wording or family) then leaves the other four types' records as they are for a seed
+    streams = {t: rng for t in TYPES} | {"instruction_following": random.Random(f"{seed}/instruction_following")}
     per_type = {t: count // len(TYPES) + (i < count % len(TYPES)) for i, t in enumerate(TYPES)}
     seen: set[str] = set()
     drawn: dict[str, list[dict]] = {}
@@ -292,7 +307,7 @@ def build_test_set(count: int = 200, seed: int = 999) -> list[dict]:
             if attempts > 200 * per_type[type_name] + 1000:
                 raise BadInputError(f"test set: template space for '{type_name}' exhausted at {len(drawn[type_name])} "
                                     f"distinct instructions (asked for {per_type[type_name]})")
-            template, instruction, meta = _GENERATORS[type_name](rng)
+            template, instruction, meta = _GENERATORS[type_name](streams[type_name], len(drawn[type_name]))
             if instruction in seen:
                 continue
             seen.add(instruction)
@@ -304,7 +319,8 @@ def build_test_set(count: int = 200, seed: int = 999) -> list[dict]:
 
 
 def check_test_set(records: list[dict]) -> dict:
-    """QC of a (loaded) test set: unique ids and instructions, known types, metadata present."""
+    """QC of a (loaded) test set: unique ids and instructions, known types, metadata present, and
+    instruction_following constraints that parse, with a constraint_split matching their families."""
     failures = []
     ids, instructions = [r.get("id") for r in records], [r.get("instruction") for r in records]
     if len(set(ids)) != len(ids):
@@ -312,6 +328,7 @@ def check_test_set(records: list[dict]) -> dict:
     if len(set(instructions)) != len(instructions):
         failures.append("duplicate instructions")
     counts = {t: 0 for t in TYPES}
+    splits = {split: 0 for split in IF_SPLITS}
     for record in records:
         type_name = record.get("type")
         if type_name not in REQUIRED_FIELDS:
@@ -321,28 +338,32 @@ def check_test_set(records: list[dict]) -> dict:
         missing = [f for f in REQUIRED_FIELDS[type_name] if f not in record]
         if missing:
             failures.append(f"{record.get('id')}: missing {', '.join(missing)}")
+        elif type_name == "instruction_following":
+            failures += _constraint_problems(record, splits)
     failures += [f"no records of type {t}" for t, n in counts.items() if n == 0]
-    return {"passed": not failures, "failures": failures, "records": len(records), "counts_by_type": counts}
+    return {"passed": not failures, "failures": failures, "records": len(records), "counts_by_type": counts,
+            "instruction_following_by_split": splits}
+
+
+def _constraint_problems(record: dict, splits: dict) -> list[str]:
+    """Why an instruction_following record's constraints are unusable (counting its split when not)."""
+    try:
+        families = [c.family for c in record_constraints(record)]
+    except BadInputError as err:
+        return [str(err)]
+    expected = "held_out" if all(f in catalogue.HELD_OUT_FAMILIES for f in families) else "trained"
+    if any(f in catalogue.HELD_OUT_FAMILIES for f in families) and expected != "held_out":
+        return [f"{record.get('id')}: mixes trained and held-out families {families}"]
+    if record["constraint_split"] != expected:
+        return [f"{record.get('id')}: constraint_split {record['constraint_split']!r} but families {families} are {expected}"]
+    splits[expected] += 1
+    return []
 
 
 # ---- scoring ---------------------------------------------------------------------------------
-_WORD = re.compile(r"[^\W_]+(?:['\u2019-][^\W_]+)*")
-_ITEM = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*\u2022])\s+(\S.*?)\s*$")
-
-
-def count_words(text: str) -> int:
-    """Words are runs of letters/digits, keeping inner apostrophes and hyphens ("don't", "well-known")."""
-    return len(_WORD.findall(text))
-
-
-def count_sentences(text: str) -> int:
-    """Segments ending in . ! or ? (or the unterminated tail) that contain a word."""
-    return sum(1 for part in re.split(r"(?<=[.!?])\s+", text.strip()) if _WORD.search(part))
-
-
-def list_items(text: str) -> list[str]:
-    """Texts of lines that start with "1." / "1)" / "-" / "*" / a bullet, then whitespace."""
-    return [m.group(1) for m in map(_ITEM.match, text.split("\n")) if m]
+# Words, sentences and list lines are counted by the constraint catalogue's text measures
+# (count_words, count_sentences, list_items, re-exported here), so every scorer and every checker
+# counts alike.
 
 
 def _first_match(text: str, phrases, case_sensitive: bool = False, prefix: bool = False) -> int | None:
@@ -353,8 +374,8 @@ def _first_match(text: str, phrases, case_sensitive: bool = False, prefix: bool 
 
 
 def _degenerate(text: str) -> bool:
-    words = [w.lower() for w in _WORD.findall(text)]
-    return len(words) >= 10 and len(set(words)) / len(words) < 0.3
+    found = [w.lower() for w in words(text)]
+    return len(found) >= 10 and len(set(found)) / len(found) < 0.3
 
 
 def _result(success: bool, reason: str) -> dict:
@@ -408,34 +429,47 @@ def score_list_generation(record: dict, response: str) -> dict:
     return _result(True, f"{n_items} distinct list items")
 
 
-def score_instruction_following(record: dict, response: str) -> dict:
-    """Pass iff the named constraint holds:
+def record_constraints(record: dict) -> list[catalogue.Constraint]:
+    """The catalogue constraints of an instruction_following record (bad input when malformed)."""
+    specs = record.get("constraints")
+    if not isinstance(specs, list) or not specs:
+        raise BadInputError(f"{record.get('id')}: instruction_following record needs a non-empty 'constraints' list")
+    try:
+        return [catalogue.from_record(spec) for spec in specs]
+    except BadInputError as err:
+        raise BadInputError(f"{record.get('id')}: {err}") from None
 
-    max_words: 1 <= words <= max_words. required_keyword: the word occurs as a whole word (any
-    case). all_caps: >= 3 words and no lowercase letter. start_word: the first word equals it (any
-    case, leading punctuation ignored). num_sentences: count_sentences == num_sentences.
+
+def score_instruction_following(record: dict, response: str) -> dict:
+    """Pass iff every constraint of the record passes its catalogue checker; the per-constraint
+    outcomes come back under "constraints" ([{family, passed, reason}])."""
+    results = catalogue.check_all(record_constraints(record), response)
+    failed = [r for r in results if not r.passed]
+    reason = "; ".join(f"{r.family}: {r.reason}" for r in (failed or results))
+    return {**_result(not failed, reason), "constraints": [r._asdict() for r in results]}
+
+
+def group_instruction_following(records: list[dict], outcomes: dict) -> dict:
+    """instruction_following outcomes grouped for separate reporting of trained and held-out families.
+
+    `outcomes` maps a record id to anything (a success flag, a base/SFT pair); records without an
+    outcome are left out. Returns {"by_split": {"trained": [...], "held_out": [...]},
+    "by_family": {family: [...]}}, each list in record order. A record with two constraints counts
+    for both families, with its own (all-constraints) outcome.
     """
-    constraint = record["constraint"]
-    if constraint != "all_caps" and constraint not in record:
-        raise BadInputError(f"{record.get('id')}: constraint {constraint!r} without its '{constraint}' field")
-    words = _WORD.findall(response)
-    if constraint == "max_words":
-        ok, detail = 1 <= len(words) <= record["max_words"], f"{len(words)} words (max {record['max_words']})"
-    elif constraint == "required_keyword":
-        ok = _first_match(response, [record["required_keyword"]]) is not None
-        detail = f"keyword {record['required_keyword']!r} {'present' if ok else 'absent'}"
-    elif constraint == "all_caps":
-        ok = len(words) >= 3 and not any(ch.islower() for ch in response)
-        detail = "all capitals" if ok else "lowercase letters or fewer than 3 words"
-    elif constraint == "start_word":
-        first = words[0] if words else ""
-        ok, detail = first.lower() == record["start_word"].lower(), f"starts with {first!r}"
-    elif constraint == "num_sentences":
-        n = count_sentences(response)
-        ok, detail = n == record["num_sentences"], f"{n} sentences (asked {record['num_sentences']})"
-    else:
-        raise BadInputError(f"{record.get('id')}: unknown constraint {constraint!r}")
-    return _result(ok, f"{constraint}: {detail}")
+    by_split: dict[str, list] = {split: [] for split in IF_SPLITS}
+    by_family: dict[str, list] = {}
+    for record in records:
+        if record.get("type") != "instruction_following" or record.get("id") not in outcomes:
+            continue
+        split = record.get("constraint_split")
+        if split not in by_split:
+            raise BadInputError(f"{record.get('id')}: constraint_split must be one of {', '.join(IF_SPLITS)}, got {split!r}")
+        outcome = outcomes[record["id"]]
+        by_split[split].append(outcome)
+        for constraint in record_constraints(record):
+            by_family.setdefault(constraint.family, []).append(outcome)
+    return {"by_split": by_split, "by_family": dict(sorted(by_family.items()))}
 
 
 def score_creative(record: dict, response: str) -> dict:
@@ -471,7 +505,8 @@ def score_response(record: dict, response: str | None) -> dict:
         return {"scored": False, "success": None, "reason": f"no scorer for type {type_name!r}"}
     missing = [f for f in REQUIRED_FIELDS[type_name] if f not in record]
     if missing:
-        raise BadInputError(f"{record.get('id')}: {type_name} record missing {', '.join(missing)}")
+        earlier = " (an earlier test-set format: regenerate it with generate_test_instructions.py)" if "constraint" in record else ""
+        raise BadInputError(f"{record.get('id')}: {type_name} record missing {', '.join(missing)}{earlier}")
     if not isinstance(response, str) or not response.strip():
         return _result(False, "empty response")
     return SCORERS[type_name](record, response)
