@@ -129,7 +129,7 @@ def bench_model(name: str, args, hw: dict, device: str) -> list[dict]:
             if not label.endswith("_sampled"):
                 tokens = _token_rows(make(args.new_tokens)(), args.prompt_tokens)
                 reference = tokens if reference is None else reference
-                greedy_rows = sum(a == b for a, b in zip(tokens, reference)) / batch
+                greedy_rows = sum(a == b for a, b in zip(tokens, reference, strict=True)) / batch
             tps = batch * args.new_tokens / seconds
             # The decode steps alone: the whole call minus a call that stops after the first token
             # (prefill and its sampling), both timed here.
@@ -148,7 +148,7 @@ def bench_model(name: str, args, hw: dict, device: str) -> list[dict]:
     body = params_count - embed - (0 if model.config.tie_word_embeddings else head)
     for label, compiled in [("critic_scoring", False)] + ([("critic_scoring_compiled", True)] if device == "cuda" else []):
         critic = InstructionCritic(model, tokenizer, batch_size=args.critic_prompts, compile=compiled)
-        seconds = _timed(torch, lambda: critic._score_encoded([row.tolist() for row in critic_prompts]), runs=args.runs)
+        seconds = _timed(torch, lambda critic=critic: critic._score_encoded([row.tolist() for row in critic_prompts]), runs=args.runs)
         flops = 2 * (body * args.critic_tokens + head) * args.critic_prompts / seconds
         rows.append({"model": name, "path": label, "batch": args.critic_prompts, "prompts_per_s": round(args.critic_prompts / seconds, 1),
                      "fraction_of_matmul_peak": round(flops / hw["matmul_bf16_flops_per_s"], 4)})

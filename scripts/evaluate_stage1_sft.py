@@ -134,6 +134,7 @@ def write_results(args, inputs: Inputs, provenance: dict, checks: dict, response
     records, adapter = inputs.records, inputs.adapter
     pairs = ev.score_pairs(records, responses["base"]["rows"], responses["sft"]["rows"])
     statistics = ev.paired_statistics(pairs, alpha=args.alpha)
+    statistics["constraint_families"] = ev.constraint_breakdown(records, pairs)
     gate = ev.gate_decision(statistics, inputs.contamination, args.alpha, args.allow_contamination)
     header = [f"Stage 1 SFT evaluation: {provenance.get('model_id')} vs + adapter {args.sft_checkpoint}",
               f"test set {args.test_set} ({len(records)} records, {statistics['n_scored']} scored); greedy, "

@@ -30,7 +30,8 @@ BUNDLED_CACHE_DIR = Path.home() / ".cache" / "stage1_bootstrap"
 # A test that needs one of these fixtures is slow: in a run without the other users of the fixture it
 # pays the whole cost itself. Marked here, so new tests that use them are marked too.
 SLOW_FIXTURES = {
-    "pilot_manifest": "runs the pilot script on the trained tiny model (2-4 min measured on the shared 2-core machine)",
+    "pilot_manifest": "test_scale.py: runs the pilot script on the trained tiny model (2-4.5 min measured on 2 shared cores)",
+    "pilot_folder": "test_pilot_records.py: runs the pilot script on the trained tiny model (2.4 min measured)",
 }
 
 

@@ -250,3 +250,30 @@ def test_resume_refuses_responses_made_with_other_settings(tmp_path):
     records = [{"id": "a", "instruction": "Say hi."}]
     with pytest.raises(BadInputError, match="another model, adapter, prompt, decoding or instruction"):
         ev.generate_responses("base", None, records, path, None, "new")
+
+
+def test_constraint_breakdown_reports_trained_and_held_out_families_separately():
+    from utils.evaluation import constraint_breakdown, format_summary, gate_decision, paired_statistics
+    from utils.test_set import build_test_set
+
+    records = build_test_set(count=50, seed=5)  # 10 per type; instruction_following alternates trained / held out
+    constrained = [r for r in records if r["type"] == "instruction_following"]
+    assert {r["constraint_split"] for r in constrained} == {"trained", "held_out"}
+    # SFT succeeds on every trained-family record and fails every held-out one; base fails all.
+    pairs = [{"id": r["id"], "type": r["type"], "scored": True, "base_success": False,
+              "sft_success": r.get("constraint_split") == "trained"} for r in records]
+    breakdown = constraint_breakdown(records, pairs)
+    trained, held_out = breakdown["by_split"]["trained"], breakdown["by_split"]["held_out"]
+    n_trained = sum(r["constraint_split"] == "trained" for r in constrained)
+    assert trained["n_scored"] == n_trained and trained["sft"]["successes"] == n_trained
+    assert held_out["sft"]["successes"] == 0 and held_out["n_scored"] == len(constrained) - n_trained
+    families = {c["family"] for r in constrained for c in r["constraints"]}
+    assert set(breakdown["by_family"]) == families
+    assert sum(row["n"] for row in breakdown["by_family"].values()) == sum(len(r["constraints"]) for r in constrained)
+    statistics = paired_statistics(pairs, alpha=0.01)
+    statistics["constraint_families"] = breakdown
+    summary = format_summary(statistics, gate_decision(statistics, None, 0.01, False), None)
+    assert "held_out" in summary and "trained" in summary
+    # A test set without constrained records (an outside benchmark) has no breakdown.
+    plain = [{"id": "x1", "type": "factual", "instruction": "q"}]
+    assert constraint_breakdown(plain, [{"id": "x1", "type": "factual", "scored": True, "base_success": 1, "sft_success": 0}]) is None

@@ -3,8 +3,7 @@ import math
 import pytest
 
 from utils.exit_codes import BadInputError
-from utils.stats import (EXACT_DISCORDANT_THRESHOLD, benjamini_hochberg, cohens_h, mcnemar_from_table,
-                         mcnemar_table, mcnemar_test, wilson_ci)
+from utils.stats import EXACT_DISCORDANT_THRESHOLD, benjamini_hochberg, cohens_h, mcnemar_from_table, mcnemar_table, mcnemar_test, wilson_ci
 
 PINNED_TABLE = [[101, 121], [59, 33]]
 

@@ -25,7 +25,7 @@ def normalize_instruction(text: str) -> str:
 
 def shingles(text: str) -> set[str]:
     words = _WORD.findall(text.lower())
-    return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
+    return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:], strict=False)}
 
 
 def jaccard(a: set[str], b: set[str]) -> float:

@@ -42,13 +42,13 @@ from .exit_codes import BadInputError, RefusedError
 from .jsonl_io import iter_jsonl
 from .provenance_helper import model_identity, read_manifest, same_model, sha256_file
 from .stats import EXACT_DISCORDANT_THRESHOLD, benjamini_hochberg, cohens_h, mcnemar_test, wilson_ci
-from .test_set import TYPES, score_response
+from .test_set import TYPES, group_instruction_following, score_response
 
 __all__ = [
     "CONTAMINATION_JACCARD", "CONTAMINATION_NGRAM", "CI_ALPHA", "TrainedAdapter",
     "check_output_folder", "read_adapter", "resolve_base_model", "resolve_training_data", "check_base_identity",
     "load_test_records", "check_prompt_lengths", "load_training_instructions", "model_key", "generate_responses",
-    "score_pairs", "check_contamination", "paired_table", "paired_statistics", "gate_decision", "format_summary",
+    "score_pairs", "check_contamination", "paired_table", "paired_statistics", "constraint_breakdown", "gate_decision", "format_summary",
     "plot_success_rates",
 ]
 
@@ -346,6 +346,29 @@ def paired_statistics(pairs: list[dict], alpha: float) -> dict:
     }
 
 
+def constraint_breakdown(records: list[dict], pairs: list[dict]) -> dict | None:
+    """instruction_following split into trained and held-out constraint families (each a paired table),
+    plus per-family counts; None when the test set has no constrained records.
+
+    Held-out families never reach the training data, so their row measures whether following a rule
+    generalises to rules never trained on. Reported whatever it shows; not part of the gate.
+    """
+    outcomes = {p["id"]: (p["base_success"], p["sft_success"]) for p in pairs if p["scored"] and p["type"] == "instruction_following"}
+    constrained = [r for r in records if r.get("type") == "instruction_following" and r.get("constraint_split")]
+    if not constrained or not outcomes:
+        return None
+    groups = group_instruction_following(constrained, outcomes)
+
+    def table(rows: list[tuple[bool, bool]]) -> dict | None:
+        return paired_table([b for b, _ in rows], [s for _, s in rows]) if rows else None
+
+    return {"by_split": {split: table(rows) for split, rows in groups["by_split"].items()},
+            "by_family": {family: {"n": len(rows), "base_successes": sum(b for b, _ in rows),
+                                   "sft_successes": sum(s for _, s in rows)}
+                          for family, rows in groups["by_family"].items()},
+            "note": "a record with two constraints counts for both families, with its all-constraints outcome"}
+
+
 def gate_decision(statistics: dict, contamination: dict | None, alpha: float, allow_contamination: bool) -> dict:
     """Pass iff overall McNemar p < alpha in favour of SFT and no disallowed contamination."""
     reasons, overall = [], statistics.get("overall")
@@ -388,6 +411,18 @@ def format_summary(statistics: dict, gate: dict, contamination: dict | None, hea
         bh = f"{row['bh_adjusted_p']:8.4f}" if "bh_adjusted_p" in row else f"{'-':>8}"
         lines.append(f"{name:<22} {_fmt_side(row['base'], n):<27} {_fmt_side(row['sft'], n):<27} {test['b']:>3} "
                      f"{test['c']:>3} {test['p_value']:12.4g} {method:<8} {bh} {row['cohens_h']:6.3f}")
+    breakdown = statistics.get("constraint_families")
+    if breakdown:
+        lines += ["", "instruction_following by constraint family split (held-out families never reach training):"]
+        for split, row in breakdown["by_split"].items():
+            if row is None:
+                lines.append(f"  {split:<20} (no scored records)")
+                continue
+            test, n = row["mcnemar"], row["n_scored"]
+            lines.append(f"  {split:<20} {_fmt_side(row['base'], n):<27} {_fmt_side(row['sft'], n):<27} {test['b']:>3} "
+                         f"{test['c']:>3} {test['p_value']:12.4g}")
+        lines.append("  per family (base / sft successes of n): " + ", ".join(
+            f"{family} {row['base_successes']}/{row['sft_successes']} of {row['n']}" for family, row in breakdown["by_family"].items()))
     unscored = statistics["unscored"]
     lines += ["", f"rates with Wilson 95% CIs; b = base-only successes, c = SFT-only successes; "
                   f"{statistics['mcnemar_method_rule']}; BH = Benjamini-Hochberg over the per-type tests; h = Cohen's h",

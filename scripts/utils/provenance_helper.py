@@ -13,9 +13,10 @@ import os
 import platform
 import socket
 import sys
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .exit_codes import BadInputError, RefusedError
 
@@ -106,7 +107,7 @@ def capture_environment() -> dict:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 MODEL_IDENTITY_KEYS = ("file_sha256", "weights_fingerprint", "revision", "tokenizer_sha256")

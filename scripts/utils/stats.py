@@ -7,7 +7,7 @@ reported intervals and p-values are the ones a reviewer gets by calling the libr
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from statsmodels.stats.contingency_tables import mcnemar as _sm_mcnemar
 from statsmodels.stats.multitest import multipletests
@@ -42,7 +42,7 @@ def mcnemar_table(base_success: Sequence[bool], sft_success: Sequence[bool]) -> 
     """[[both, base_only], [sft_only, neither]] from paired per-item outcomes."""
     if len(base_success) != len(sft_success):
         raise BadInputError(f"mcnemar: unpaired outcomes ({len(base_success)} base vs {len(sft_success)} sft)")
-    pairs = list(zip(map(bool, base_success), map(bool, sft_success)))
+    pairs = list(zip(map(bool, base_success), map(bool, sft_success), strict=True))
     return [
         [sum(b and s for b, s in pairs), sum(b and not s for b, s in pairs)],
         [sum(s and not b for b, s in pairs), sum(not b and not s for b, s in pairs)],
