@@ -2,14 +2,21 @@
 
     python scripts/generate_stage1_pilot_data.py --count 200 --seed 42 --output artifacts/pilot
 
-Phases: new instructions from few-shot numbered lists; pre-filters, duplicate removal and the A/B
-instruction critic; responses in completion form; the A/B pair critic; QC. Outputs in --output:
-sft_data.jsonl (accepted pairs), one JSONL per phase, and session_manifest.json (written last).
+Phases: new instructions from few-shot numbered lists; pre-filters (length, a keyword blacklist),
+duplicate removal and the A/B instruction critic; --num-candidates responses per instruction, generated
+after hand-written demonstrations (--response-template response_v3; training and evaluation use the bare
+prompt); every candidate scored (A/B pair critic both ways, likelihood relevance, repetition, token
+limit), each critic signal proven on a probe built from the first round (ROC AUC >= --min-signal-auc,
+else it neither accepts nor ranks), the best passing candidate kept; a seeded fraction of the accepted
+pairs relabeled with verifiable constraints (--constraint-fraction); QC. Outputs in --output:
+sft_data.jsonl (accepted pairs), one JSONL per phase (every scored candidate in
+phase4_scored_responses.jsonl), probe.json, and session_manifest.json (written last).
 Settings: Stage1Config's defaults (the source's), then the model's named calibration (--calibration;
 `auto` picks it by the loaded model's file sha256: gemma-3-270m for the bundled model, the source's
 values for any other), then any flag, recorded as an override; the manifest records all three.
-Exit 0 when QC passed, 4 when it failed (the manifest says why), 2 for a bad flag. Rerun the
-same command to resume; the folder is claimed only once the model has loaded.
+Exit 0 when QC passed, 4 when it failed (the manifest says why; also when no critic signal
+discriminates on the probe), 2 for a bad flag or a demonstration that cannot enter a prompt for this
+model's tokenizer. Rerun the same command to resume; the folder is claimed only once the model has loaded.
 """
 
 from __future__ import annotations

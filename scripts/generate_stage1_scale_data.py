@@ -25,10 +25,13 @@ nodes the output must be on a shared filesystem):
 
 Refuses (exit 3) without a pilot manifest whose QC passed and whose data is unchanged. Generation
 parameters come from the pilot manifest's `config` (checked against the flags' ranges: exit 2
-naming the manifest and the field), and so does its calibration; a flag that changes one is
+naming the manifest and the field), and so do its calibration and its verdict on the critic signals
+(which ones discriminated on its probe set and may accept and rank pairs: a shard never measures its
+own, exit 3 where the manifest has none); a flag that changes a parameter is
 recorded under `overrides` in every manifest, as is a model other than the pilot's (by content
 hashes). --output and --exclude-test-set are checked before any shard runs (exit 2 for a folder or a
-path below a file, or a test set that cannot be read).
+path below a file, a test set that cannot be read, or a test instruction that overlaps one of the
+response_v3 demonstrations when that template generates the responses).
 Shard i (folder `<output stem>_shards/shard_XXX/`) gets an even share of --count (remainder to the
 first shards) and the seed `seed * 1000 + i`; it writes sft_data.jsonl, its phase files and
 shard_manifest.json (last). A complete shard is skipped, a killed one resumes (refused, exit 2,
@@ -82,25 +85,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _gate(args) -> tuple[dict, object, dict]:
-    """The pilot gate (exit 3), then the scale config: the pilot's parameters plus recorded overrides."""
+def _gate(args) -> tuple[dict, object, dict, object]:
+    """The pilot gate (exit 3), then the scale config (the pilot's parameters plus recorded overrides)
+    and the pilot's critic signals."""
     from utils.provenance_helper import require_upstream_manifest
+    from utils.response_selection import signals_from_pilot_manifest
     from utils.stage1_generation import scale_config
 
     pilot = require_upstream_manifest(args.pilot_manifest, "scale: pilot")
     if not isinstance(pilot.get("config"), dict) or "data" not in pilot.get("outputs", {}):
         raise RefusedError(f"scale: {args.pilot_manifest} is not a pilot session manifest (no config or no data output)")
     config, overrides = scale_config(pilot, args, str(args.pilot_manifest))
+    signals = signals_from_pilot_manifest(pilot, str(args.pilot_manifest))
     for name, change in overrides.items():
         print(f"[scale] override {name}: {change['from']} -> {change['to']}", flush=True)
-    return pilot, config, overrides
+    print(f"[scale] critic signals from the pilot: {list(signals.trusted)} (ranked by {signals.rank_by})", flush=True)
+    return pilot, config, overrides, signals
 
 
 def _shard_config(config, spec):
     return dataclasses.replace(config, count=spec.count, seed=spec.seed)
 
 
-def _run_shard(spec, config, overrides, args, pilot, load_model, launch) -> None:
+def _run_shard(spec, config, overrides, args, pilot, signals, load_model, launch) -> None:
     from utils.sharding import SHARD_MANIFEST, exclusive_lock, model_override, shard_status
     from utils.stage1_generation import GenerationJob, check_run_identity, generate_into_folder
 
@@ -108,7 +115,8 @@ def _run_shard(spec, config, overrides, args, pilot, load_model, launch) -> None
     with exclusive_lock(spec.folder / ".lock", wait=False, what=f"shard {spec.index}"):
         # The settings are checked before anything else; the model's identity once it has loaded
         # (a complete shard is skipped without loading one).
-        check_run_identity(spec.folder, {"config": shard_config.as_dict(), "key_prefix": spec.key_prefix})
+        check_run_identity(spec.folder, {"config": shard_config.as_dict(), "key_prefix": spec.key_prefix,
+                                         "critic_signals": {"trusted": list(signals.trusted), "rank_by": signals.rank_by}})
         status = shard_status(spec)
         if status == "complete":
             print(f"[scale] shard {spec.index}: complete, skipped", flush=True)
@@ -119,6 +127,7 @@ def _run_shard(spec, config, overrides, args, pilot, load_model, launch) -> None
         job = GenerationJob(
             stage="scale_shard", folder=spec.folder, config=shard_config, manifest_name=SHARD_MANIFEST,
             log_prefix=f"[scale] shard {spec.index}:", key_prefix=spec.key_prefix, inputs={"pilot_manifest": args.pilot_manifest},
+            critic_signals=signals,
             manifest_extra={"overrides": {**overrides, **model_override(pilot.get("model_provenance"), loaded[2])},
                             "calibration": pilot.get("calibration"), "shard": spec.as_dict(), "base_seed": config.seed,
                             "rank": dataclasses.asdict(launch)})
@@ -127,17 +136,28 @@ def _run_shard(spec, config, overrides, args, pilot, load_model, launch) -> None
         print(f"[scale] shard {spec.index}: {result['records']} pairs in {spec.data_path}", flush=True)
 
 
-def _held_out_index(test_set: Path | None):
-    """The --exclude-test-set overlap index, read before any shard runs so that a bad file is refused at once."""
+def _held_out_index(test_set: Path | None, config):
+    """The --exclude-test-set overlap index, read before any shard runs so that a bad file is refused at once,
+    and a test instruction that overlaps a response demonstration the responses are generated with (exit 2)."""
     if test_set is None:
         return None
+    from utils.completion_prompts import RESPONSE_TEMPLATES, demonstration_overlaps
     from utils.dedup import OverlapIndex
     from utils.evaluation import load_test_records
 
-    return OverlapIndex(load_test_records(test_set))
+    index = OverlapIndex(load_test_records(test_set))
+    overlaps = demonstration_overlaps(index) if RESPONSE_TEMPLATES[config.response_template].demonstrations else []
+    if overlaps:
+        shown = "; ".join(f"demonstration {o['demonstration']} ({o['demonstration_instruction']!r}) ~ test {o['test_id']!r} "
+                          f"({o['kind']})" for o in overlaps)
+        raise BadInputError(f"--exclude-test-set {test_set}: held-out test instructions overlap the {config.response_template} "
+                            f"demonstrations the training responses are generated with: {shown}")
+    return index
 
 
-def _merge(args, specs, config, overrides, pilot, held_out) -> int:
+def _merge(args, specs, config, overrides, pilot, signals, held_out) -> int:
+    from utils.completion_prompts import RESPONSE_TEMPLATES
+    from utils.constraints import CATALOGUE_VERSION
     from utils.jsonl_io import write_jsonl_atomic
     from utils.provenance_helper import create_session_manifest, resolve_recorded_path, write_manifest_atomic
     from utils.qc import format_qc_table
@@ -147,7 +167,8 @@ def _merge(args, specs, config, overrides, pilot, held_out) -> int:
     manifest_path = merged_manifest_path(args.output)
     with exclusive_lock(shards_root(args.output) / ".merge.lock", wait=True):
         merged = merge_shards(specs, args.count, {s.index: _shard_config(config, s).as_dict() for s in specs},
-                              config.near_duplicate_threshold, config.qc_thresholds, held_out=held_out)
+                              config.near_duplicate_threshold, config.qc_thresholds, held_out=held_out,
+                              critic_signals=signals.as_record())
         records, qc, dedup = merged["records"], merged["qc"], merged["dedup"]
         if len(records) < args.count:
             qc["shortfall"] = (f"{len(records)} pairs of {args.count} asked ({dedup['exact_removed']} exact and {dedup['near_removed']} "
@@ -163,7 +184,9 @@ def _merge(args, specs, config, overrides, pilot, held_out) -> int:
             overrides={**overrides, **model_override(pilot.get("model_provenance"), merged["model_provenance"])},
             calibration=pilot.get("calibration"), model_provenance=merged["model_provenance"], shards=merged["shards"],
             dedup=dedup, base_seed=config.seed, shard_seed_rule="base_seed * 1000 + shard_index", records=len(records),
-            requested_count=args.count, wall_seconds=round(time.time() - start, 1))
+            requested_count=args.count, critic_signals=signals.as_record(), constraint_catalogue_version=CATALOGUE_VERSION,
+            demonstration_overlap_check="passed" if held_out is not None and RESPONSE_TEMPLATES[config.response_template].demonstrations
+            else "not run", wall_seconds=round(time.time() - start, 1))
         write_manifest_atomic(manifest_path, manifest)
     print(format_qc_table(qc))
     print(f"[scale] merged {len(specs)} shards: {len(records)} pairs in {args.output} ({dedup['exact_removed']} exact and "
@@ -178,15 +201,15 @@ def main(args: argparse.Namespace) -> int:
     from utils.sharding import check_scale_output, launch_from_env, model_override, plan_shards, select_shards, shard_status, wait_for_shards
 
     check_scale_output(args.output)
-    pilot, config, overrides = _gate(args)
-    held_out = _held_out_index(args.exclude_test_set)
+    pilot, config, overrides, signals = _gate(args)
+    held_out = _held_out_index(args.exclude_test_set, config)
     specs = plan_shards(args.count, args.num_shards, config.seed, args.output)
     launch = launch_from_env()
     if args.merge:
         if launch.rank != 0:
             print(f"[scale] rank {launch.rank}: --merge runs on rank 0 only", flush=True)
             return EXIT_OK
-        return _merge(args, specs, config, overrides, pilot, held_out)
+        return _merge(args, specs, config, overrides, pilot, signals, held_out)
     mine = select_shards(args.num_shards, args.shard_index, launch.rank, launch.world_size)
     where = f"rank {launch.rank}/{launch.world_size}: " if launch.launched else ""
     print(f"[scale] {where}shards {mine} of {args.num_shards} ({args.count} pairs in all) -> {args.output}", flush=True)
@@ -214,7 +237,7 @@ def main(args: argparse.Namespace) -> int:
         return loaded["model"]
 
     for index in mine:
-        _run_shard(specs[index], config, overrides, args, pilot, load_model, launch)
+        _run_shard(specs[index], config, overrides, args, pilot, signals, load_model, launch)
     if args.no_merge:
         print("[scale] --no-merge: merge later by rerunning with --merge", flush=True)
         return EXIT_OK
@@ -229,7 +252,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"[scale] {args.num_shards - len(missing)} of {args.num_shards} shards complete (still to run: {missing}); "
               "no merge yet. Run the remaining shards, then merge with the same flags plus --merge.", flush=True)
         return EXIT_OK
-    return _merge(args, specs, config, overrides, pilot, held_out)
+    return _merge(args, specs, config, overrides, pilot, signals, held_out)
 
 
 if __name__ == "__main__":

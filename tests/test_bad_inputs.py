@@ -39,11 +39,15 @@ _GENERATION = [
     ("--qc-delimiter-leakage-max", ["-1", "0.5"]),
     ("--qc-median-response-tokens-max", ["-1", "0", "2.5"]),
     ("--qc-critic-acceptance-rate-min", ["-0.1", "1.5"]),
+    ("--num-candidates", ["-1", "0", "1.5", "abc"]),
+    ("--relevance-min", ["nan", "inf", "abc"]),
+    ("--constraint-fraction", ["-0.1", "1.5", "abc"]),
+    ("--constraint-families", ["nope", "words_range", ","]),  # unknown, held out of training, none
 ]
 NUMERIC = {
     TEST_SET: [("--count", ["-1", "0", "4", "abc", "2.5"]), ("--seed", ["-1", "abc", "1.5"])],
     PILOT: [("--count", ["-1", "0", "abc"]), ("--seed", ["-1", "abc"]), ("--batch-size", ["-1", "0", "1.5"]),
-            ("--max-rounds", ["-1", "0", "abc"]), *_GENERATION],
+            ("--max-rounds", ["-1", "0", "abc"]), ("--min-signal-auc", ["-0.1", "1.5", "abc"]), *_GENERATION],
     SCALE: [("--count", ["-1", "0", "abc"]), ("--num-shards", ["-1", "0", "abc"]), ("--seed", ["-1", "abc"]),
             ("--batch-size", ["-1", "0", "abc"]), ("--max-rounds", ["-1", "0", "abc"]), ("--shard-index", ["-1", "5", "abc"]),
             *_GENERATION],
@@ -158,7 +162,9 @@ def pilot(tmp_path_factory, tiny_model_dir, dataset):
     folder = tmp_path_factory.mktemp("pilot")
     config = Stage1Config(max_rounds=1).as_dict()
     manifest = create_session_manifest("pilot", {"model": str(tiny_model_dir), "seed": config["seed"]}, outputs={"data": dataset},
-                                       qc={"passed": True, "failures": []}, config=config)
+                                       qc={"passed": True, "failures": []}, config=config,
+                                       critic_signals={"trusted": ["relevance"], "rank_by": "relevance", "aucs": {"relevance": 0.9},
+                                                       "min_auc": 0.75, "source": "probe"})
     return write_manifest_atomic(folder / "session_manifest.json", manifest)
 
 

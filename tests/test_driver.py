@@ -21,7 +21,11 @@ def _env(**extra):
 
 @pytest.mark.slow  # every stage end to end: 29-39 s measured
 def test_driver_runs_every_stage_and_stops_at_the_failed_gate(trained_model_dir, tmp_path):
-    env = _env(TEST_COUNT="10", PILOT_COUNT="6", SCALE_COUNT="12", SHARDS="2", EPOCHS="1", BATCH="8")
+    from tiny_models import TRAINED_PIPELINE_FLAGS, TRAINED_PIPELINE_OVERRIDES
+
+    # GEN_ARGS: the tiny model's critic signals need these to pass the probe (tests/tiny_models.py says why).
+    env = _env(TEST_COUNT="10", PILOT_COUNT="6", SCALE_COUNT="12", SHARDS="2", EPOCHS="1", BATCH="8",
+               GEN_ARGS=" ".join(TRAINED_PIPELINE_FLAGS))
     result = subprocess.run(DRIVER + ["--profile", "cpu", "--model", str(trained_model_dir), "--root", str(tmp_path)],
                             capture_output=True, text=True, env=env, timeout=900)
     out = result.stdout + result.stderr
@@ -32,10 +36,10 @@ def test_driver_runs_every_stage_and_stops_at_the_failed_gate(trained_model_dir,
     assert (tmp_path / "data" / "stage1_sft_data.manifest.json").exists()
     assert (tmp_path / "checkpoints" / "stage1_sft" / "final_adapter" / "TRAINING_SUCCESS").exists()
     assert (tmp_path / "results" / "sft_eval" / "evaluation_results.json").exists()
-    # The driver adds no settings of its own: the pilot chose the calibration and recorded it.
+    # The driver adds no settings of its own: the pilot chose the calibration and recorded it (and GEN_ARGS).
     pilot = json.loads((tmp_path / "artifacts" / "pilot" / "session_manifest.json").read_text())
     assert pilot["calibration"]["name"] == "source" and pilot["calibration"]["chosen_by"].startswith("auto")
-    assert pilot["overrides"] == {}
+    assert pilot["overrides"] == TRAINED_PIPELINE_OVERRIDES
 
 
 @pytest.mark.parametrize("flag", ["--model", "--profile", "--root"])

@@ -13,9 +13,11 @@ import torch
 
 from conftest import BUNDLED_CACHE_DIR, run_python_script
 from conftest import read_jsonl_lines as _lines
+from tiny_models import TRAINED_PIPELINE_FLAGS, TRAINED_PIPELINE_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
 PILOT = [sys.executable, str(ROOT / "scripts" / "generate_stage1_pilot_data.py")]
+TINY, TINY_OVERRIDES = TRAINED_PIPELINE_FLAGS, TRAINED_PIPELINE_OVERRIDES
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +39,8 @@ def test_engine_stops_and_finish_reasons(trained):
 
     model, tokenizer = trained
     engine = GenerationEngine(model, tokenizer, batch_size=4, seed=1, show_progress=False)
-    items = [(f"k{i}", P.create_response_prompt(text)) for i, text in enumerate(["Describe cats in one sentence.", "List two things about rain.", "Give a tip about bread."])]
+    texts = ["Describe cats in one sentence.", "List two things about rain.", "Give a tip about bread."]
+    items = [(f"k{i}", P.create_response_prompt(text)) for i, text in enumerate(texts)]
     stops = P.response_stop_strings()
     results = engine.generate(items, SamplingParams(0.0, 1.0, 1.0, 40), stops)
     assert sorted(r.key for r in results) == ["k0", "k1", "k2"]
@@ -179,9 +182,9 @@ def test_critic_falls_back_when_the_compiled_forward_fails(trained, capsys):
 
 
 def test_critic_never_truncates_the_answer_slot(trained):
-    from utils.prompt_guards import encode_prompt
     from utils.completion_prompts import CompletionStylePrompts as P
     from utils.instruction_critic import InstructionCritic
+    from utils.prompt_guards import encode_prompt
 
     model, tokenizer = trained
     critic = InstructionCritic(model, tokenizer, max_prompt_tokens=40)
@@ -193,7 +196,7 @@ def test_critic_never_truncates_the_answer_slot(trained):
 # -- QC definitions --------------------------------------------------------------------------
 def _rec(raw, response, reason="stop", n_tokens=10, accepted=True, margin=2.0):
     return {"raw_response": raw, "response": response, "finish_reason": reason, "n_response_tokens": n_tokens,
-            "n_generated_tokens": n_tokens + 1,
+            "n_generated_tokens": n_tokens + 1, "accepted": accepted,
             "pair_critic": {"accepted": accepted, "margin": margin}}
 
 
@@ -222,6 +225,34 @@ def test_qc_rates_on_hand_made_records():
     clean = compute_qc([_rec(" Good.", "Good.", n_tokens=3) for _ in range(20)])
     assert clean["passed"] and clean["failures"] == []
     assert compute_qc([])["passed"] is False
+    # The verdict is the judged record's own `accepted` (the trusted signals'), not the A/B critic's.
+    overruled = [{**_rec(" Good.", "Good.", n_tokens=3), "pair_critic": {"accepted": False, "margin": -5.0}}]
+    assert compute_qc(overruled)["counts"]["accepted"] == 1
+    # response_v3: the end marker left in a cleaned answer is leakage, and a multi-paragraph answer is not.
+    v3 = compute_qc([_rec(" One.\n\nTwo.", "One.\n\nTwo."), _rec(" Three ### END", "Three ### END")])
+    assert v3["rates"]["delimiter_leakage"]["value"] == 1
+
+
+def test_qc_gates_of_the_new_recipe():
+    from utils.qc import compute_qc, format_qc_table
+
+    records = [_rec(" Good.", "Good.", n_tokens=3) for _ in range(4)]
+    trusted = {"trusted": ["relevance"], "rank_by": "relevance", "aucs": {"ab_margin": 0.5, "relevance": 0.81}, "min_auc": 0.75,
+               "source": "probe"}
+    constraints = {"catalogue_version": "constraints_v1", "records": 4, "constrained": 2, "constrained_fraction": 0.5,
+                   "checker_pass_rate": 1.0, "failed_ids": [], "per_family": {"lowercase": 2}, "modes": {"rewritten": 2},
+                   "constraints_per_record": {1: 2}}
+    qc = compute_qc(records, critic_signals=trusted, constraints=constraints)
+    assert qc["passed"] and qc["rates"]["discriminating_signals"]["value"] == 1 and qc["rates"]["checker_pass_rate"]["passed"]
+    table = format_qc_table(qc)
+    assert "relevance                    0.810  trusted, ranks" in table and "ab_margin                    0.500  not discriminating" in table
+    assert "constraints (constraints_v1): 2 of 4 records (0.500)" in table
+    failing = compute_qc(records, critic_signals={**trusted, "trusted": [], "rank_by": None},
+                         constraints={**constraints, "checker_pass_rate": 0.5})
+    assert failing["failures"] == ["no critic signal discriminates on the probe set (needs AUC >= 0.75): ab_margin 0.5, relevance 0.81",
+                                   "checker_pass_rate = 0.5 (needs == 1.0)"]
+    vacuous = compute_qc(records, constraints={**constraints, "constrained": 0, "checker_pass_rate": None})
+    assert vacuous["passed"] and vacuous["rates"]["checker_pass_rate"] == {"value": None, "op": "==", "threshold": 1.0, "passed": True}
 
 
 def test_qc_counts_a_judged_record_duplicated_in_the_file_once():
@@ -246,6 +277,29 @@ def test_prefilters_count_each_reason():
     assert prefilter_instruction("name three primary colors.", "stop", examples, config) == "copy_of_example"
     assert prefilter_instruction("Tell me about <start_of_turn> things", "stop", examples, config) == "chat_marker"
     assert prefilter_instruction("Describe how a bicycle works.", "stop", examples, config) is None
+    assert prefilter_instruction(" ".join(["word"] * 61), "stop", examples, config) == "too_long"
+
+
+@pytest.mark.parametrize("text,keyword", [
+    ("Draw a picture of a cat.", "Draw"), ("Describe the image below in detail.", "image"),
+    ("Summarize the attached file for me.", "attached"), ("Go to the website and click the first link.", "Go to"),
+    ("Make a chart of the sales figures.", "chart"), ("Listen to this sound recording and describe it.", "sound recording"),
+    ("Upload your photos to the shared folder.", "Upload"), ("Explain what a URL is.", "URL"),
+])
+def test_blacklisted_tasks_are_dropped_naming_the_keyword(text, keyword):
+    from utils.stage1_generation import Stage1Config, blacklisted_keyword, prefilter_instruction
+
+    assert blacklisted_keyword(text) == keyword
+    assert prefilter_instruction(text, "stop", [], Stage1Config()) in ("blacklisted_keyword", "non_text")
+
+
+@pytest.mark.parametrize("text", ["Give a definition of photosynthesis.", "Write a paragraph about graphite.",
+                                  "Describe your favourite drawer in the kitchen.", "Explain how profiles are built.",
+                                  "Name a famous linker of railways."])
+def test_the_blacklist_matches_whole_words_only(text):
+    from utils.stage1_generation import Stage1Config, blacklisted_keyword, prefilter_instruction
+
+    assert blacklisted_keyword(text) is None and prefilter_instruction(text, "stop", [], Stage1Config()) is None
 
 
 def test_near_duplicate_index():
@@ -265,7 +319,7 @@ def test_pilot_end_to_end_exit_0_then_4(trained_model_dir, tmp_path):
 
     out = tmp_path / "pilot"
     # --compile is GPU-only: on the CPU it must change nothing but the recorded arguments.
-    done = _run(["--model", trained_model_dir, "--count", 6, "--output", out, "--batch-size", 8, "--compile"])
+    done = _run(["--model", trained_model_dir, "--count", 6, "--output", out, "--batch-size", 8, "--compile", *TINY])
     assert done.returncode == 0, done.stderr[-2000:]
     manifest = json.loads((out / "session_manifest.json").read_text())
     assert manifest["qc"]["passed"] is True and manifest["records"] == 6
@@ -274,51 +328,106 @@ def test_pilot_end_to_end_exit_0_then_4(trained_model_dir, tmp_path):
     assert len(records) == 6 and len({r["id"] for r in records}) == 6
     for record in records:
         assert set(record) == set(field_names(SFTExampleRecord))
-        assert record["prompt_version"] == "response_v2" and record["round"] == int(record["id"][1:3])
-        assert record["pair_critic"]["prompt_version"] == "pair_critic_v1"
-        assert record["pair_critic"]["accepted"] and "logp_a" in record["pair_critic"]
-    assert manifest["outputs"]["data"]["sha256"] and manifest["git_hash"]
-    strict = _run(["--model", trained_model_dir, "--count", 6, "--output", tmp_path / "strict", "--qc-median-response-tokens-max", 1])
+        assert record["prompt_version"] == "response_v3" and record["round"] == int(record["id"][1:3])
+        assert record["pair_critic"]["prompt_version"] == "pair_critic_v1" and record["pair_critic"]["label_swap"] is True
+        assert record["candidate_id"] == record["id"] + "-c0" and record["selection"]["candidates"] == 1
+        assert record["relevance"]["relevance"] > 0 and record["relevance"]["n_tokens"] == record["n_response_tokens"] + 1 \
+            or record["constraint_mode"] == "rewritten"  # the relabeled response is what n_response_tokens counts
+    assert manifest["outputs"]["data"]["sha256"] and manifest["git_hash"] and manifest["outputs"]["probe"]["sha256"]
+    assert manifest["prompt_versions"]["response_generation"] == "response_v3" and manifest["prompt_versions"]["response"] == "response_v2"
+    assert manifest["critic_signals"]["source"] == "probe" and set(manifest["critic_signals"]["aucs"]) == {
+        "ab_margin", "ab_margin_direct", "relevance", "relevance_total"}
+    assert manifest["qc"]["critic_signals"] == manifest["critic_signals"]
+    assert manifest["constraint_catalogue_version"] == "constraints_v1" and manifest["qc"]["constraints"]["checker_pass_rate"] in (1.0, None)
+    assert manifest["config"]["response"]["max_new_tokens"] == 256 and manifest["config"]["num_candidates"] == 1
+    strict = _run(["--model", trained_model_dir, "--count", 6, "--output", tmp_path / "strict", "--qc-median-response-tokens-max", 1, *TINY])
     assert strict.returncode == 4, strict.stderr[-2000:]
     failed = json.loads((tmp_path / "strict" / "session_manifest.json").read_text())
     assert failed["qc"]["passed"] is False and "median_response_tokens" in failed["qc"]["failures"][0]
-    # Not the bundled model, so `auto` chose the source's values; the flag is an override of them.
+    # Not the bundled model, so `auto` chose the source's values; the flags are overrides of them.
     assert manifest["calibration"]["name"] == "source" and manifest["calibration"]["chosen_by"].startswith("auto")
-    assert manifest["overrides"] == {} and manifest["config"]["confidence_threshold"] == 1.0
-    assert failed["overrides"] == {"qc_median_response_tokens_max": {"from": 40, "to": 1}}
+    assert manifest["overrides"] == TINY_OVERRIDES and manifest["config"]["confidence_threshold"] == -100.0
+    assert failed["overrides"] == {**TINY_OVERRIDES, "qc_median_response_tokens_max": {"from": 40, "to": 1}}
+
+
+@pytest.mark.slow  # two pilot runs on the tiny model
+def test_pilot_fails_its_gate_when_no_critic_signal_discriminates(trained_model_dir, tmp_path):
+    out = tmp_path / "pilot"
+    done = _run(["--model", trained_model_dir, "--count", 6, "--output", out, "--min-signal-auc", "1.0"])
+    assert done.returncode == 4, done.stderr[-2000:]
+    manifest = json.loads((out / "session_manifest.json").read_text())
+    assert manifest["qc"]["failures"][0].startswith("no critic signal discriminates on the probe set (needs AUC >= 1.0): ab_margin ")
+    assert manifest["critic_signals"]["trusted"] == [] and (out / "probe.json").exists()
+    assert _lines(out / "sft_data.jsonl") == [] and not (out / "phase4_judged.jsonl").read_text()
+    assert "not discriminating" in done.stdout and manifest["qc"]["counts"]["candidates"] == 18  # the first round only
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["trusted"] == [] and probe["summary"]["kinds"]["matched"] == probe["pairs"] > 0
+
+
+@pytest.mark.slow  # one pilot run with three candidates per instruction
+def test_best_of_n_saves_every_candidate_and_says_which_won(trained_model_dir, tmp_path):
+    out = tmp_path / "pilot"
+    done = _run(["--model", trained_model_dir, "--count", 4, "--output", out, "--num-candidates", 3, "--constraint-fraction", 1.0,
+                 *TINY])
+    assert done.returncode == 0, done.stderr[-2000:]
+    responses = _lines(out / "phase3_responses.jsonl")
+    scored = _lines(out / "phase4_scored_responses.jsonl")
+    judged = _lines(out / "phase4_judged.jsonl")
+    assert len(responses) == len(scored) == 3 * len(judged) and {r["id"] for r in responses} == {r["id"] for r in scored}
+    for record in judged:
+        mine = [r for r in scored if r["instruction_id"] == record["id"]]
+        assert sorted(r["candidate_index"] for r in mine) == [0, 1, 2]
+        winner = next(r for r in mine if r["id"] == record["candidate_id"])
+        assert (record["response"], record["signals"]) == (winner["response"], winner["signals"])
+        assert record["selection"]["candidates"] == 3 and record["selection"]["winner_index"] == winner["candidate_index"]
+        if record["accepted"]:
+            rank = record["selection"]["ranked_by"]
+            passing = [r for r in mine if not r["filter_reasons"]]
+            assert winner["signals"][rank] == max(r["signals"][rank] for r in passing)
+    # --constraint-fraction 1: every accepted pair was offered constraints; each constrained one passes its checkers.
+    constrained = _lines(out / "phase5_constrained.jsonl")
+    assert {r["id"] for r in constrained} == {r["id"] for r in judged if r["accepted"]}
+    for record in _lines(out / "sft_data.jsonl"):
+        if record["constraints"]:
+            from utils.constraint_data import recheck
+
+            assert all(c["passed"] for c in recheck(record["constraints"], record["response"]))
+            assert record["instruction"].startswith(record["original_instruction"]) and record["constraint_mode"] in ("measured", "rewritten")
 
 
 @pytest.mark.slow  # 31-33 s measured
 def test_pilot_refuses_a_different_configuration_in_the_same_folder(trained_model_dir, tmp_path):
     out = tmp_path / "pilot"
-    assert _run(["--model", trained_model_dir, "--count", 4, "--output", out]).returncode == 0
-    again = _run(["--model", trained_model_dir, "--count", 4, "--output", out, "--response-temperature", 0.9])
+    assert _run(["--model", trained_model_dir, "--count", 4, "--output", out, *TINY]).returncode == 0
+    again = _run(["--model", trained_model_dir, "--count", 4, "--output", out, "--response-temperature", 0.9, *TINY])
     # The refusal names each differing field, nested keys included, with both values.
     assert again.returncode == 2 and "different configuration (differs in: config.response.temperature: 0.3 -> 0.9)" in again.stderr
 
 
 def _assert_complete_without_duplicates(out: Path, count: int):
-    for name in ("phase1_candidates", "phase2_instructions", "phase3_responses", "phase4_judged"):
+    for name in ("phase1_candidates", "phase2_instructions", "phase3_responses", "phase4_scored_responses", "phase4_judged",
+                 "phase5_constrained"):
         ids = [r["id"] for r in _lines(out / f"{name}.jsonl")]
         assert len(ids) == len(set(ids)), f"duplicate ids in {name}"
     responses = {r["id"] for r in _lines(out / "phase3_responses.jsonl")}
+    scored = {r["id"] for r in _lines(out / "phase4_scored_responses.jsonl")}
     judged = {r["id"] for r in _lines(out / "phase4_judged.jsonl")}
     accepted = {r["id"] for r in _lines(out / "phase2_instructions.jsonl") if r["accepted"]}
-    assert responses == judged and responses <= accepted
+    assert responses == scored and {key.rsplit("-c", 1)[0] for key in responses} == judged and judged <= accepted
     assert len(_lines(out / "sft_data.jsonl")) == count
 
 
 @pytest.mark.slow  # 43-60 s measured
 def test_pilot_resumes_after_a_kill_without_duplicates_or_gaps(trained_model_dir, tmp_path):
     out = tmp_path / "pilot"
-    assert _run(["--model", trained_model_dir, "--count", 6, "--output", out]).returncode == 0
+    assert _run(["--model", trained_model_dir, "--count", 6, "--output", out, *TINY]).returncode == 0
     # Simulate a crash in phase 4: the last judged lines are lost, one torn half-line is left,
     # and the final data and manifest were never written.
     judged = (out / "phase4_judged.jsonl").read_text().splitlines(keepends=True)
     (out / "phase4_judged.jsonl").write_text("".join(judged[:-3]) + judged[-3][: len(judged[-3]) // 2])
     (out / "session_manifest.json").unlink()
     (out / "sft_data.jsonl").unlink()
-    resumed = _run(["--model", trained_model_dir, "--count", 6, "--output", out])
+    resumed = _run(["--model", trained_model_dir, "--count", 6, "--output", out, *TINY])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout and "torn last line" in resumed.stderr
     _assert_complete_without_duplicates(out, 6)
@@ -328,7 +437,7 @@ def test_pilot_resumes_after_a_kill_without_duplicates_or_gaps(trained_model_dir
 def test_pilot_survives_a_real_sigkill(trained_model_dir, tmp_path):
     out = tmp_path / "pilot"
     proc = subprocess.Popen(PILOT + ["--model", str(trained_model_dir), "--count", "12", "--output", str(out), "--no-progress",
-                                     "--batch-size", "2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     "--batch-size", "2", *TINY], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     target = out / "phase3_responses.jsonl"
     while time.time() < deadline and proc.poll() is None:
@@ -338,7 +447,7 @@ def test_pilot_survives_a_real_sigkill(trained_model_dir, tmp_path):
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    resumed = _run(["--model", trained_model_dir, "--count", 12, "--output", out, "--batch-size", 2])
+    resumed = _run(["--model", trained_model_dir, "--count", 12, "--output", out, "--batch-size", 2, *TINY])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_complete_without_duplicates(out, 12)
 
@@ -360,5 +469,6 @@ def test_pilot_on_the_real_bundled_model(tmp_path):
     assert manifest["config"]["confidence_threshold"] == 0.0 and manifest["config"]["label_swap"] is True
     assert manifest["qc"]["counts"]["candidates"] == 24 and manifest["qc"]["passed"] == (result.returncode == 0)
     records = _lines(out / "sft_data.jsonl")
-    assert len(records) <= 8 and all(r["pair_critic"]["accepted"] and r["response"] for r in records)
+    assert len(records) <= 8 and all(r["response"] for r in records)
+    assert manifest["prompt_versions"]["response_generation"] == "response_v3" and "critic_signals" in manifest
     assert manifest["outputs"]["data"]["sha256"]

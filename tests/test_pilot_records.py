@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 
 from conftest import read_jsonl_lines, run_python_script
+from tiny_models import TRAINED_PIPELINE_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASE_KINDS = {"phase1_candidates.jsonl": "candidate", "phase2_instructions.jsonl": "instruction",
-               "phase3_responses.jsonl": "response", "phase4_judged.jsonl": "judged pair", "sft_data.jsonl": "SFT example"}
+               "phase3_responses.jsonl": "response", "phase4_scored_responses.jsonl": "scored response",
+               "phase4_judged.jsonl": "judged pair", "phase5_constrained.jsonl": "constrained pair", "sft_data.jsonl": "SFT example"}
 
 
 def _doc_tables() -> dict[str, list[tuple[str, str]]]:
@@ -61,8 +63,9 @@ def test_unique_by_id_keeps_the_first_of_each_id():
 @pytest.fixture(scope="module")
 def pilot_folder(trained_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("records") / "pilot"
+    # --constraint-fraction 1: every accepted pair is offered constraints, so phase 5 writes records.
     done = run_python_script("generate_stage1_pilot_data.py", "--model", trained_model_dir, "--count", 4, "--output", out,
-                             "--no-progress")
+                             "--no-progress", "--constraint-fraction", 1, *TRAINED_PIPELINE_FLAGS)
     assert done.returncode == 0, done.stderr[-2000:]
     return out
 
@@ -78,5 +81,6 @@ def test_every_phase_writes_records_of_its_kind(pilot_folder):
             # The round is a stored field, the same one the id was made with.
             assert isinstance(record["round"], int) and record["id"].startswith(f"r{record['round']:02d}-")
     for record in read_jsonl_lines(pilot_folder / "phase3_responses.jsonl"):
-        assert record["prompt_version"] == "response_v2" and isinstance(record["was_cut"], bool)
+        assert record["prompt_version"] == "response_v3" and isinstance(record["was_cut"], bool)
         assert (record["n_response_tokens"] == 0) == (record["response"] == "")
+        assert record["id"] == f"{record['instruction_id']}-c{record['candidate_index']}"

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from conftest import run_python_script
+from tiny_models import TRAINED_PIPELINE_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pilot(*args):
-    return run_python_script("generate_stage1_pilot_data.py", *args, "--no-progress")
+    return run_python_script("generate_stage1_pilot_data.py", *args, "--no-progress", *TRAINED_PIPELINE_FLAGS)
 
 
 def _simulate_a_kill(folder: Path, manifest_name: str = "session_manifest.json") -> None:

@@ -226,3 +226,69 @@ def test_readme_manual_commands_parse_and_the_pilot_calibrates_the_bundled_model
     bullet = re.search(r"\*\*The bundled model is small\.\*\*(.*?)(\n- |\Z)", (ROOT / "README.md").read_text(), re.S).group(1)
     for text in ("threshold 0", "< 0.4", ">= 0.3", "< 0.1"):
         assert text in bullet
+
+
+# -- the new recipe's settings ----------------------------------------------------------------------
+def test_the_response_cap_follows_the_template_unless_given():
+    from generate_stage1_pilot_data import parse_args
+    from utils.calibration import CALIBRATIONS
+    from utils.stage1_generation import Stage1Config, pilot_config
+
+    source = CALIBRATIONS["source"]
+    assert (Stage1Config().response_template, Stage1Config().response.max_new_tokens) == ("response_v3", 256)
+    config, overrides = pilot_config(parse_args(["--response-template", "response_v2"]), source)
+    assert config.response.max_new_tokens == 80
+    assert overrides == {"response_template": {"from": "response_v3", "to": "response_v2"},
+                         "response_max_new_tokens": {"from": 256, "to": 80, "because": "--response-template"}}
+    config, overrides = pilot_config(parse_args(["--response-template", "response_v2", "--response-max-new-tokens", "120"]), source)
+    assert config.response.max_new_tokens == 120 and overrides["response_max_new_tokens"] == {"from": 256, "to": 120}
+    config, overrides = pilot_config(parse_args(["--response-max-new-tokens", "64"]), source)
+    assert config.response_template == "response_v3" and config.response.max_new_tokens == 64
+
+
+def test_new_settings_parse_and_the_probe_threshold_is_the_pilots_alone(capsys):
+    from generate_stage1_pilot_data import parse_args as pilot_args
+    from generate_stage1_scale_data import parse_args as scale_args
+    from utils.calibration import CALIBRATIONS
+    from utils.stage1_generation import pilot_config
+
+    args = pilot_args(["--num-candidates", "4", "--relevance-min", "0.1", "--min-signal-auc", "0.8", "--constraint-fraction", "0.5",
+                       "--constraint-families", "words_max,title"])
+    config, _ = pilot_config(args, CALIBRATIONS["source"])
+    assert (config.num_candidates, config.relevance_min, config.min_signal_auc, config.constraint_fraction) == (4, 0.1, 0.8, 0.5)
+    assert config.constraint_families == ["words_max", "title"]
+    assert not hasattr(scale_args([]), "min_signal_auc")  # a shard uses the pilot's verdict, never its own
+    err = _parse_error(pilot_args, ["--response-template", "response_v9"], capsys)
+    assert "argument --response-template: invalid choice" in err
+    err = _parse_error(pilot_args, ["--constraint-families", "keyword_frequency"], capsys)
+    assert "argument --constraint-families" in err and "held out of training" in err
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"response_template": "response_v9"}, "config: response_template: got 'response_v9'"),
+    ({"constraint_families": ["sections"]}, "config: constraint_families: constraint family 'sections' is held out"),
+    ({"constraint_families": "words_max"}, "config: constraint_families: got 'words_max'"),
+    ({"num_candidates": 0}, "config: num_candidates: got 0"),
+    ({"relevance_min": float("nan")}, "config: relevance_min: got nan"),
+    ({"min_signal_auc": 1.5}, "config: min_signal_auc: got 1.5"),
+    ({"constraint_fraction": -0.1}, "config: constraint_fraction: got -0.1"),
+])
+def test_new_values_read_back_from_the_pilot_manifest_are_checked(change, named):
+    from generate_stage1_scale_data import parse_args
+    from utils.exit_codes import BadInputError
+    from utils.stage1_generation import scale_config
+
+    with pytest.raises(BadInputError) as raised:
+        scale_config(_pilot_manifest(**change), parse_args([]), "artifacts/pilot/session_manifest.json")
+    assert named in str(raised.value)
+
+
+def test_settings_a_calibration_keeps_are_real_settings_it_does_not_change():
+    from utils.calibration import CALIBRATIONS
+    from utils.stage1_generation import TUNABLE_SETTINGS
+
+    names = {s.name for s in TUNABLE_SETTINGS}
+    for calibration in CALIBRATIONS.values():
+        assert set(calibration.kept) <= names and not set(calibration.kept) & set(calibration.values), calibration.name
+        assert calibration.as_record("test")["kept"] == calibration.kept
+    assert CALIBRATIONS["source"].values == {} and CALIBRATIONS["source"].kept == {}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import read_jsonl_lines as _lines
+from tiny_models import TRAINED_PIPELINE_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 PILOT = ROOT / "scripts" / "generate_stage1_pilot_data.py"
@@ -32,8 +33,10 @@ def pilot_manifest(tmp_path_factory, trained_model_dir):
     base = tmp_path_factory.mktemp("scale_pilot")
     model = trained_model_dir
     env = {**os.environ, "STAGE1_CACHE_DIR": str(base / "cache")}
+    # --constraint-fraction 0.5: enough constrained pairs in a run this small for the merge tests to see some.
     result = subprocess.run([sys.executable, str(PILOT), "--model", str(model), "--count", "6", "--output", str(base / "pilot"),
-                             "--no-progress"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+                             "--no-progress", "--constraint-fraction", "0.5", *TRAINED_PIPELINE_FLAGS], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return base / "pilot" / "session_manifest.json"
 
@@ -114,8 +117,10 @@ def test_rank_split():
 def test_merge_records_first_wins_and_truncates():
     from utils.sharding import merge_records, sum_phase_counts
 
-    shards = [[{"id": "s000-b", "instruction": "Name three facts about the moon."}, {"id": "s000-a", "instruction": "Describe rain in one sentence."}],
-              [{"id": "s001-a", "instruction": "describe RAIN in one sentence"}, {"id": "s001-b", "instruction": "Name three facts about the moon today."},
+    shards = [[{"id": "s000-b", "instruction": "Name three facts about the moon."},
+               {"id": "s000-a", "instruction": "Describe rain in one sentence."}],
+              [{"id": "s001-a", "instruction": "describe RAIN in one sentence"},
+               {"id": "s001-b", "instruction": "Name three facts about the moon today."},
                {"id": "s001-c", "instruction": "Give a tip about bread."}]]
     kept, removed = merge_records(shards, 0.7)
     assert [r["id"] for r in kept] == ["s000-a", "s000-b", "s001-c"]
@@ -124,7 +129,8 @@ def test_merge_records_first_wins_and_truncates():
     assert [r["id"] for r in merge_records(shards, 0.7, count=2)[0]] == ["s000-a", "s000-b"]
     total = sum_phase_counts([{"candidates": 3, "prefilter_and_dedup": {"passed": 2, "too_short": 1}, "instruction_critic_judged": 2,
                                "instruction_critic_accepted": 1, "instruction_critic_acceptance_rate": 0.5},
-                              {"candidates": 2, "prefilter_and_dedup": {"passed": 2}, "instruction_critic_judged": 2, "instruction_critic_accepted": 2}])
+                              {"candidates": 2, "prefilter_and_dedup": {"passed": 2}, "instruction_critic_judged": 2,
+                               "instruction_critic_accepted": 2}])
     assert total == {"candidates": 5, "prefilter_and_dedup": {"passed": 4, "too_short": 1}, "instruction_critic_judged": 4,
                      "instruction_critic_accepted": 3, "instruction_critic_acceptance_rate": 0.75}
 
@@ -260,10 +266,20 @@ def test_cross_shard_duplicates_removed_and_qc_recomputed(scale_run, tmp_path):
     first = _lines(copy / "shard_000" / "sft_data.jsonl")
     shard1 = copy / "shard_001"
     records = _lines(shard1 / "sft_data.jsonl")
-    planted = {records[0]["id"]: first[0]["instruction"], records[1]["id"]: first[1]["instruction"].rstrip(".") + " today."}
+    # A constrained pair is deduplicated by its task (the instruction before the constraint texts).
+    task = lambda record: record.get("original_instruction") or record["instruction"]  # noqa: E731
+    planted = {records[0]["id"]: task(first[0]), records[1]["id"]: task(first[1]).rstrip(".") + " today."}
+
+    def plant(row):
+        if row["id"] not in planted:
+            return row
+        changed = {**row, "instruction": planted[row["id"]]}
+        if row.get("original_instruction"):
+            changed["original_instruction"] = planted[row["id"]]
+        return changed
+
     for name in ("sft_data.jsonl", "phase4_judged.jsonl"):
-        rows = _lines(shard1 / name)
-        write_jsonl_atomic(shard1 / name, [{**r, "instruction": planted.get(r["id"], r["instruction"])} for r in rows])
+        write_jsonl_atomic(shard1 / name, [plant(r) for r in _lines(shard1 / name)])
     manifest = json.loads((shard1 / "shard_manifest.json").read_text())
     for role, name in (("data", "sft_data.jsonl"), ("judged", "phase4_judged.jsonl")):
         manifest["outputs"][role]["sha256"] = _sha(shard1 / name)
@@ -283,6 +299,97 @@ def test_cross_shard_duplicates_removed_and_qc_recomputed(scale_run, tmp_path):
     judged = sum(len(_lines(copy / s / "phase4_judged.jsonl")) for s in ("shard_000", "shard_001"))
     assert merged["qc"]["counts"]["judged"] == judged - len(removed)
     assert merged["qc"]["counts"]["cross_shard_exact_duplicates"] == merged["dedup"]["exact_removed"]
+
+
+def test_merge_checks_a_constrained_pairs_task_against_the_test_set_and_dedups_by_it():
+    from utils.dedup import OverlapIndex
+    from utils.sharding import merge_records
+
+    constrained = {"id": "s000-a", "instruction": "Name three primary colors. Use at most 20 words. Write in lowercase only.",
+                   "original_instruction": "Name three primary colors."}
+    same_task = {"id": "s001-a", "instruction": "Name three primary colors. End your answer with a question mark.",
+                 "original_instruction": "Name three primary colors."}
+    kept, removed = merge_records([[constrained], [same_task]], 0.7)
+    assert [r["id"] for r in kept] == ["s000-a"] and removed[0]["kind"] == "exact" and removed[0]["duplicate_of"] == "s000-a"
+    held_out = OverlapIndex([{"id": "t9", "instruction": "name three primary colors"}])
+    kept, removed = merge_records([[constrained]], 0.7, held_out=held_out)
+    assert kept == [] and removed == [{"id": "s000-a", "shard": 0, "kind": "held_out_overlap", "test_id": "t9", "match": "exact"}]
+
+
+def test_shards_use_the_pilots_critic_signals_and_constrained_records_pass_their_checkers(scale_run):
+    from utils.constraint_data import recheck
+
+    pilot = json.loads(scale_run["pilot"].read_text())
+    merged = json.loads(scale_run["output"].with_name("data.manifest.json").read_text())
+    for folder in scale_run["shards"]:
+        shard = json.loads((folder / "shard_manifest.json").read_text())
+        assert not (folder / "probe.json").exists()  # a shard never measures its own
+        assert shard["critic_signals"]["trusted"] == pilot["critic_signals"]["trusted"]
+        assert shard["critic_signals"]["source"] == f"pilot manifest {scale_run['pilot']}"
+        judged = _lines(folder / "phase4_judged.jsonl")
+        assert all(r["selection"]["trusted_signals"] == pilot["critic_signals"]["trusted"] for r in judged)
+    assert merged["critic_signals"]["trusted"] == pilot["critic_signals"]["trusted"]
+    assert merged["constraint_catalogue_version"] == "constraints_v1"
+    records = _lines(scale_run["output"])
+    constrained = [r for r in records if r["constraints"]]
+    assert merged["qc"]["constraints"]["constrained"] == len(constrained)
+    assert merged["qc"]["rates"]["checker_pass_rate"]["passed"]
+    for record in constrained:
+        assert all(c["passed"] for c in recheck(record["constraints"], record["response"]))
+
+
+def test_a_constrained_record_edited_to_fail_its_checker_fails_the_merged_gate(scale_run, tmp_path):
+    import random
+
+    from utils.constraints import sample_constraint, to_record
+    from utils.jsonl_io import write_jsonl_atomic
+
+    copy = shutil.copytree(scale_run["output"].parent / "data_shards", tmp_path / "data_shards")
+    shard0 = copy / "shard_000"
+    rows = _lines(shard0 / "sft_data.jsonl")
+    upper = to_record(sample_constraint("uppercase", random.Random(0)))
+    rows[0] = {**rows[0], "constraints": [upper], "response": "not upper at all"}
+    write_jsonl_atomic(shard0 / "sft_data.jsonl", rows)
+    manifest = json.loads((shard0 / "shard_manifest.json").read_text())
+    manifest["outputs"]["data"]["sha256"] = _sha(shard0 / "sft_data.jsonl")
+    (shard0 / "shard_manifest.json").write_text(json.dumps(manifest))
+    code, out = scale(scale_run["pilot"], tmp_path / "data.jsonl", *OVERRIDE_FLAGS, "--merge")
+    assert code == 4 and "checker_pass_rate" in out, out
+    merged = json.loads((tmp_path / "data.manifest.json").read_text())
+    assert rows[0]["id"] in merged["qc"]["constraints"]["failed_ids"]
+
+
+def test_merge_refuses_shards_made_with_another_critic_verdict(scale_run, tmp_path):
+    copy = shutil.copytree(scale_run["output"].parent / "data_shards", tmp_path / "data_shards")
+    manifest = json.loads((copy / "shard_001" / "shard_manifest.json").read_text())
+    manifest["critic_signals"]["trusted"] = ["mystery"]
+    (copy / "shard_001" / "shard_manifest.json").write_text(json.dumps(manifest))
+    code, out = scale(scale_run["pilot"], tmp_path / "data.jsonl", *OVERRIDE_FLAGS, "--merge")
+    assert code == 3 and "shard 1 was made trusting ['mystery']" in out
+
+
+def test_scale_refuses_a_pilot_manifest_without_a_critic_verdict(pilot_manifest, tmp_path):
+    edited = shutil.copytree(pilot_manifest.parent, tmp_path / "pilot")
+    manifest = json.loads((edited / "session_manifest.json").read_text())
+    del manifest["critic_signals"]
+    manifest["outputs"]["data"]["path"] = str(edited / "sft_data.jsonl")
+    (edited / "session_manifest.json").write_text(json.dumps(manifest))
+    code, out = scale(edited / "session_manifest.json", tmp_path / "d.jsonl")
+    assert code == 3 and "no usable critic signal verdict" in out and not (tmp_path / "d_shards").exists()
+
+
+def test_a_test_set_overlapping_a_demonstration_is_refused_before_any_shard(pilot_manifest, tmp_path):
+    from utils.completion_prompts import RESPONSE_DEMONSTRATIONS
+
+    test_set = tmp_path / "test.jsonl"
+    test_set.write_text(json.dumps({"id": "t1", "instruction": RESPONSE_DEMONSTRATIONS[3][0]}) + "\n")
+    code, out = scale(pilot_manifest, tmp_path / "d.jsonl", "--exclude-test-set", test_set)
+    assert code == 2 and "overlap the response_v3 demonstrations" in out and "demonstration 4" in out and "'t1' (exact)" in out
+    assert not (tmp_path / "d_shards").exists()
+    # The bare template puts no demonstration in any prompt: the same test set is fine then.
+    code, out = scale(pilot_manifest, tmp_path / "d.jsonl", "--exclude-test-set", test_set, "--response-template", "response_v2",
+                      "--no-merge", "--shard-index", "0", "--max-rounds", "1")
+    assert code == 0 and "demonstrations" not in out and "shard 0: starting" in out
 
 
 def test_merge_drops_pairs_overlapping_the_held_out_test_set(scale_run, tmp_path):

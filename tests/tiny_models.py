@@ -8,6 +8,7 @@ instruct-looking name.
 from __future__ import annotations
 
 import json
+import random
 import string
 from pathlib import Path
 
@@ -72,6 +73,7 @@ _ANSWERS = ["{S} are common and well known.", "{S} can be found in many places."
 
 def _pipeline_corpus(rng) -> list[str]:
     """Documents in the pipeline's own formats, so a tiny model learns to fill them plausibly."""
+    from utils.completion_prompts import RESPONSE_END_MARKER
     from utils.completion_prompts import CompletionStylePrompts as P
 
     docs = []
@@ -89,6 +91,16 @@ def _pipeline_corpus(rng) -> list[str]:
             docs.append(P.create_instruction_critic_prompt(task)[-300:] + " A")
         else:
             docs.append(P.create_pair_critic_prompt(task, answer)[-300:] + " A")
+    # response_v3 documents (the demonstrations, then three answers, each ending at the end marker),
+    # drawn from their own generator so that the documents above stay what they were.
+    extra = random.Random(f"v3:{len(docs)}")
+    for _ in range(200):
+        blocks = []
+        for subject in extra.sample(_SUBJECTS, 3):
+            answer = extra.choice(_ANSWERS).format(s=subject, S=subject[0].upper() + subject[1:])
+            blocks.append(P.create_response_prompt(extra.choice(_TASKS).format(s=subject)) + P.format_completion(answer)
+                          + f"\n{RESPONSE_END_MARKER}\n\n")
+        docs.append(P.demonstration_prefix() + "".join(blocks))
     return docs
 
 
@@ -99,11 +111,11 @@ def build_trained_tiny_model(folder: Path, *, steps: int = 250, seed: int = 0) -
     well-formed instructions and answers, so the pilot, scale and training paths can pass QC
     end to end in tests.
     """
-    import random
-
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from utils.completion_prompts import RESPONSE_END_MARKER
 
     rng = random.Random(seed)
     docs = _pipeline_corpus(rng)
@@ -117,15 +129,24 @@ def build_trained_tiny_model(folder: Path, *, steps: int = 250, seed: int = 0) -
                                         additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     vocab = tokenizer.get_vocab()
     torch.manual_seed(seed)
+    # 1024 positions: a response_v3 prompt (the demonstrations first) is about 500 of its tokens.
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          bos_token_id=None, eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"], tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
-    encoded = [tokenizer.encode(doc, add_special_tokens=False) + [vocab["</s>"]] for doc in docs]
+    encoded, long_docs = [], []
+    for doc in docs:
+        ids = tokenizer.encode(doc, add_special_tokens=False) + [vocab["</s>"]]
+        # A response_v3 document is trained whole (about 550 tokens), four to a batch of their own:
+        # the model must answer after attending over all the demonstrations, as the pipeline prompts it.
+        if RESPONSE_END_MARKER in doc:
+            long_docs.append(ids)
+        else:
+            encoded.append(ids[:128])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(steps):
-        batch = [rng.choice(encoded)[:128] for _ in range(16)]
+    for step in range(2 * steps):
+        batch = [rng.choice(long_docs) for _ in range(4)] if step % 2 else [rng.choice(encoded) for _ in range(16)]
         width = max(map(len, batch))
         ids = torch.full((len(batch), width), vocab["<pad>"])
         labels = torch.full((len(batch), width), -100)
@@ -145,3 +166,11 @@ def build_trained_tiny_model(folder: Path, *, steps: int = 250, seed: int = 0) -
 
 
 __all__.append("build_trained_tiny_model")
+
+# Generation flags for running the pipeline on the trained tiny model. Its critic signals do not reach
+# the default probe AUC on its own pairs (about 0.6; tests/test_response_selection.py pins them) and its
+# A/B critic always answers "A": these trust every signal and let that critic accept, so the pipeline's
+# mechanics run end to end on it. TRAINED_PIPELINE_OVERRIDES is how a manifest records them.
+TRAINED_PIPELINE_FLAGS = ["--min-signal-auc", "0", "--confidence-threshold", "-100"]
+TRAINED_PIPELINE_OVERRIDES = {"min_signal_auc": {"from": 0.75, "to": 0.0}, "confidence_threshold": {"from": 1.0, "to": -100.0}}
+__all__ += ["TRAINED_PIPELINE_FLAGS", "TRAINED_PIPELINE_OVERRIDES"]

@@ -3,7 +3,8 @@
 The source's parameters and QC thresholds (DESIGN.md) were set for a 32B base model. A model far
 from that can need other values to produce any data at all; those values are a named calibration,
 chosen by the model's identity (`--calibration auto`) or by name, recorded in the pilot manifest
-(name, how it was chosen, each value and the reason for it) and inherited by the scale stage
+(name, how it was chosen, each value and the reason for it, and the settings measured for it but
+deliberately left at their defaults, with the measurement: `kept`) and inherited by the scale stage
 through that manifest. A flag given on the command line still wins over a calibrated value and is
 recorded as an override.
 
@@ -27,12 +28,14 @@ class Calibration:
     # setting name (the flag's dest, as in a manifest's `overrides`) -> value, and why it is that value
     values: dict = field(default_factory=dict)
     reasons: dict = field(default_factory=dict)
+    # setting name -> why its default stays for this model (a measurement, not an assumption)
+    kept: dict = field(default_factory=dict)
     # `auto` picks this calibration for a model whose loaded file has this sha256
     model_file_sha256: str | None = None
 
     def as_record(self, chosen_by: str) -> dict:
         return {"name": self.name, "chosen_by": chosen_by, "description": self.description,
-                "values": dict(self.values), "reasons": dict(self.reasons)}
+                "values": dict(self.values), "reasons": dict(self.reasons), "kept": dict(self.kept)}
 
 
 SOURCE = Calibration(
@@ -57,11 +60,23 @@ GEMMA_3_270M = Calibration(
         "label_swap": "asking each item again with the letters traded and averaging cancels its constant preference "
                       "for one letter",
         "qc_token_limit_rate_max": "its answers are long: 0.348 hit the 80-token limit at CPU size (iteration 1), "
-                                   "0.174-0.196 at GPU sizes, against the source's < 0.10",
+                                   "0.174-0.196 at GPU sizes, against the source's < 0.10 (response_v2; response_v3 "
+                                   "answers end at the end marker: 1 of 32 hit its 256 tokens on a CPU, so the gate "
+                                   "binds only a response_v2 run, such as the ablation of the old recipe)",
         "qc_critic_acceptance_rate_min": "its pair critic accepted 0.478 at CPU size (iteration 1) against the source's "
                                          ">= 0.50; 0.72-0.76 at GPU sizes",
         "qc_runaway_rate_max": "0.020-0.031 over 600-5,800 pairs on a GPU, but a handful of pairs at CPU sizes: 3 of 48 "
                                "(0.062) failed the source's < 0.05 on a CPU run",
+    },
+    kept={
+        "qc_median_response_tokens_max": "the source's < 40 stays: response_v3 answers (lists and paragraphs kept) measured "
+                                         "a median of 15 tokens over 32 answers on a CPU (1 hit the 256-token cap)",
+        "min_signal_auc": "the issue's 0.75 stays: on a probe of 32 of its response_v3 pairs (CPU) the summed relevance "
+                          "reached 0.81 (mismatched 0.99, truncated 0.73, looping 0.70), the per-token relevance 0.72 "
+                          "(truncated 0.32), the A/B margins 0.45-0.47; with ~30 pairs the AUC's standard error is about "
+                          "0.05, so a CPU-sized pilot can still find no signal above 0.75",
+        "relevance_min": "0 stays: all 32 of its own pairs scored above it (the lowest 0.06 nats per token) and 14 of "
+                         "the 32 mismatched probe pairs at or below it; ranking, not this floor, is where relevance acts",
     },
     model_file_sha256=BUNDLED_SHA256,
 )

@@ -1,17 +1,31 @@
-"""Every prompt text of the pipeline, versioned by name, and the response cleaner.
+"""Every prompt text of the pipeline, versioned by name, and the response cleaners.
 
 Base models know no chat format, so every prompt is a document the model continues: a numbered
 list to extend, an `Instruction:`/`Response:` block to complete, or a multiple-choice item whose
 answer slot the critic reads. This module is the only place those delimiters are written.
+
+Response templates (`RESPONSE_TEMPLATES`, chosen by `--response-template`):
+- `response_v2`: the bare `Instruction: X\nResponse:` block; the answer ends at the next block or
+  at the first blank line. Training and evaluation always use this bare prompt (`create_response_prompt`).
+- `response_v3` (context distillation): a short header and a fixed set of hand-written demonstration
+  pairs (`RESPONSE_DEMONSTRATIONS`, each closed by `RESPONSE_END_MARKER` on its own line) before the
+  same bare block. The model's answer ends where it would write the end marker, so lists and
+  multi-paragraph answers survive; the adapter is trained on the bare prompt and so learns the
+  demonstrated behaviour without the demonstrations. Changing a demonstration means a new version.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from dataclasses import dataclass
 
-__all__ = ["CompletionStylePrompts", "CleanedResponse", "PROMPT_VERSIONS", "SEED_INSTRUCTIONS"]
+from .exit_codes import BadInputError
+
+__all__ = ["CompletionStylePrompts", "CleanedResponse", "PROMPT_VERSIONS", "SEED_INSTRUCTIONS", "ResponseTemplate",
+           "RESPONSE_TEMPLATES", "RESPONSE_DEMONSTRATIONS", "RESPONSE_END_MARKER", "DEFAULT_RESPONSE_TEMPLATE",
+           "demonstrations_fingerprint", "check_demonstrations", "demonstration_overlaps"]
 
 INSTRUCTION_DELIMITER = "Instruction:"
 RESPONSE_DELIMITER = "Response:"
@@ -54,14 +68,101 @@ _PAIR_CRITIC_EXAMPLES = (
     ("List three colors.", "I like to go to the park on Sundays with my family.", "B"),
 )
 
+# Hand-written for this project (never taken from a dataset), and varied on purpose: a numbered
+# list, a one-line fact, two paragraphs, answers that obey a stated length, case, first word or last
+# word, and bullets, so the base model sees that an answer's form follows its instruction. Kept short:
+# the whole prefix is about 320 tokens of the bundled model, paid for every response generated.
+RESPONSE_DEMONSTRATIONS = (
+    ("List three kitchen tools.",
+     "1. A chef's knife\n2. A cutting board\n3. A frying pan"),
+    ("At what temperature does water boil at sea level?",
+     "Water boils at 100 degrees Celsius at sea level."),
+    ("Write two short paragraphs about why people keep gardens.",
+     "Many people garden because growing food is satisfying. A few seeds can fill a kitchen with herbs."
+     "\n\nOthers garden for the calm it brings. Weeding and watering rest the mind."),
+    ("Describe a lighthouse in exactly two sentences.",
+     "A lighthouse is a tall tower on a rocky coast. Its bright lamp warns ships away from danger at night."),
+    ("Explain what a shadow is, using only lowercase letters.",
+     "a shadow is the dark shape behind an object that blocks the light."),
+    ('Give one tip for sleeping better. Start your answer with the word "Try".',
+     "Try going to bed at the same time every night."),
+    ('Write a sentence about autumn that ends with the word "leaves".',
+     "Every October the wind fills the streets with red and yellow leaves."),
+    ("Suggest three names for a small bakery, as a bulleted list.",
+     "- The Morning Loaf\n- Crumb and Crust\n- Little Oven"),
+)
+RESPONSE_END_MARKER = "### END"
+_DEMONSTRATION_HEADER = f"Each response below does exactly what its instruction asks and ends with the line {RESPONSE_END_MARKER}."
+
+
+@dataclass(frozen=True)
+class ResponseTemplate:
+    """How responses are generated: with or without the demonstrations, where an answer ends, and
+    the token cap that fits its longest expected answer (the default of --response-max-new-tokens)."""
+
+    name: str
+    demonstrations: bool
+    default_max_new_tokens: int
+    description: str
+
+
+RESPONSE_TEMPLATES = {
+    "response_v2": ResponseTemplate("response_v2", False, 80, "the bare block; the answer ends at the next block or a blank line"),
+    "response_v3": ResponseTemplate("response_v3", True, 256, "demonstrations first; the answer ends at the end marker"),
+}
+DEFAULT_RESPONSE_TEMPLATE = "response_v3"
+
 PROMPT_VERSIONS = {
     "instruction_generation": "instruction_generation_v1",
+    # The bare prompt and the blank-line cleaner: what training and evaluation use, whichever
+    # template generated the training responses (that one is recorded per record and per run).
     "response": "response_v2",
     "instruction_critic": "instruction_critic_v1",
     "pair_critic": "pair_critic_v1",
 }
 
 _LEAK_PATTERN = re.compile(r"(instruction|response)\s*:", re.IGNORECASE)
+_END_PATTERN = re.compile(re.escape(RESPONSE_END_MARKER))
+
+
+def _demonstration_block(instruction: str, response: str) -> str:
+    return f"{INSTRUCTION_DELIMITER} {instruction}\n{RESPONSE_DELIMITER} {response}\n{RESPONSE_END_MARKER}\n\n"
+
+
+def _template(name: str) -> ResponseTemplate:
+    if name not in RESPONSE_TEMPLATES:
+        raise BadInputError(f"unknown response template {name!r}; known: {', '.join(RESPONSE_TEMPLATES)}")
+    return RESPONSE_TEMPLATES[name]
+
+
+def demonstrations_fingerprint() -> str:
+    """sha256 of the demonstration prefix: a test ties it to the `response_v3` name, so an edited
+    demonstration cannot keep the old version."""
+    return hashlib.sha256(CompletionStylePrompts.demonstration_prefix().encode("utf-8")).hexdigest()
+
+
+def check_demonstrations(tokenizer) -> None:
+    """Refuse (BadInputError, exit 2, naming the demonstration) a demonstration that carries a chat
+    marker or encodes to a chat-control token for this tokenizer; the prompt guard would refuse the
+    whole prompt later, but without saying which demonstration is at fault."""
+    from .prompt_guards import ContaminationError, encode_continuation
+
+    for number, (instruction, response) in enumerate(RESPONSE_DEMONSTRATIONS, start=1):
+        try:
+            encode_continuation(tokenizer, _demonstration_block(instruction, response))
+        except ContaminationError as err:
+            raise BadInputError(f"response_v3 demonstration {number} ({instruction!r}) cannot enter a prompt: {err}") from None
+
+
+def demonstration_overlaps(overlap_index) -> list[dict]:
+    """Each (demonstration, test instruction) overlap by the held-out rule of `overlap_index`
+    (a `dedup.OverlapIndex` of test instructions): exact, near or a shared 8-gram."""
+    found = []
+    for number, (instruction, _) in enumerate(RESPONSE_DEMONSTRATIONS, start=1):
+        for match in overlap_index.matches(instruction):
+            found.append({"demonstration": number, "demonstration_instruction": instruction, "test_id": match["id"],
+                          "kind": match["kind"]})
+    return found
 
 
 @dataclass(frozen=True)
@@ -77,7 +178,24 @@ class CompletionStylePrompts:
 
     @staticmethod
     def create_response_prompt(instruction: str) -> str:
+        """The bare block: what training and evaluation prompt with, and what response_v2 generates from."""
         return f"{INSTRUCTION_DELIMITER} {instruction.strip()}\n{RESPONSE_DELIMITER}"
+
+    @staticmethod
+    def demonstration_prefix() -> str:
+        """The header and every demonstration block of response_v3, each closed by the end marker."""
+        return f"{_DEMONSTRATION_HEADER}\n\n" + "".join(_demonstration_block(i, r) for i, r in RESPONSE_DEMONSTRATIONS)
+
+    @classmethod
+    def create_generation_response_prompt(cls, instruction: str, template: str = DEFAULT_RESPONSE_TEMPLATE) -> str:
+        """The prompt a training response is generated from under `template`."""
+        prefix = cls.demonstration_prefix() if _template(template).demonstrations else ""
+        return prefix + cls.create_response_prompt(instruction)
+
+    @staticmethod
+    def unconditioned_response_prompt() -> str:
+        """The bare response delimiter: the context for log p(response) without the instruction."""
+        return RESPONSE_DELIMITER
 
     @staticmethod
     def format_completion(response: str) -> str:
@@ -85,8 +203,11 @@ class CompletionStylePrompts:
         return " " + response.strip()
 
     @staticmethod
-    def response_stop_strings() -> list[str]:
-        """Where a response ends: the start of the next block (constant, so matchers are built once)."""
+    def response_stop_strings(template: str = "response_v2") -> list[str]:
+        """Where a response ends under `template` (constant per template, so matchers are built once)."""
+        if _template(template).demonstrations:
+            # The demonstrations end each answer with the marker; a blank line is part of an answer.
+            return [RESPONSE_END_MARKER, f"\n{INSTRUCTION_DELIMITER}"]
         # A blank line ends the answer: base models go on after it with unrelated text (a new
         # paragraph of the "document"), which was most of the token-limit hits in the first pilot.
         return [f"\n{INSTRUCTION_DELIMITER}", f"\n{RESPONSE_DELIMITER}", "\n\n"]
@@ -141,28 +262,32 @@ class CompletionStylePrompts:
         return (" A", " B")
 
     @staticmethod
-    def clean_response(raw: str) -> CleanedResponse:
+    def clean_response(raw: str, template: str = "response_v2") -> CleanedResponse:
         """Cut at the next delimiter and strip a leaked label; whitespace trimmed.
 
         A response that starts by repeating `Response:` is kept from after it; anything from a new
         `Instruction:`/`Response:` onward is dropped, since it is the model writing the next example.
+        response_v2 also cuts at the first blank line; response_v3 cuts at the end marker instead and
+        keeps blank lines (paragraphs, spaced lists).
         """
+        demonstrations = _template(template).demonstrations
         text = raw
         was_cut = False
         leading = re.match(r"\s*" + re.escape(RESPONSE_DELIMITER), text, re.IGNORECASE)
         if leading:
             text = text[leading.end():]
             was_cut = True
-        match = _LEAK_PATTERN.search(text)
-        if match:
-            text = text[: match.start()]
+        cuts = [m.start() for m in (_LEAK_PATTERN.search(text), _END_PATTERN.search(text) if demonstrations else None) if m]
+        if cuts:
+            text = text[: min(cuts)]
             was_cut = True
         stripped = text.strip()
-        if "\n\n" in stripped:
+        if not demonstrations and "\n\n" in stripped:
             stripped = stripped.split("\n\n")[0].strip()
             was_cut = True
         return CleanedResponse(text=stripped, was_cut=was_cut)
 
     @staticmethod
     def has_delimiter_leak(text: str) -> bool:
-        return bool(_LEAK_PATTERN.search(text))
+        """A prompt delimiter or the end marker in text that should hold neither."""
+        return bool(_LEAK_PATTERN.search(text) or _END_PATTERN.search(text))

@@ -94,7 +94,7 @@ def summarize_signal(items: list[ProbeItem], scores: list[float], min_auc: float
     if len(items) != len(scores):
         raise ValueError(f"{len(items)} probe items but {len(scores)} scores")
     by_kind: dict[str, list[float]] = {}
-    for item, score in zip(items, scores):
+    for item, score in zip(items, scores, strict=True):
         by_kind.setdefault(item.kind, []).append(float(score))
     matched = by_kind.get("matched", [])
     corrupted = [s for kind in PROBE_KINDS for s in by_kind.get(kind, [])]

@@ -9,6 +9,15 @@ label must be one token of the model's tokenizer; where it is not, the critic re
 (BadInputError, exit 2, naming the label and its tokens).
 With `compile=True` on a GPU the forward pass is compiled (torch.compile: norms, rotary embeddings
 and activations fused); the first batches of each new shape pay the compilation.
+
+Relevance (`relevance_scores`): log p(completion | the bare instruction block) and log p(completion |
+the bare response delimiter), where the completion is the response as it is trained (" " + response,
+then EOS), over the completion tokens only, in batched forward passes (`continuation_logprobs`).
+Their difference is a pointwise mutual information: positive when the instruction helps predict the
+answer; `relevance` is it per completion token, `pmi` the total. The EOS makes an answer that stops
+short of what its instruction asks for less likely given the instruction (measured on the bundled
+model: the probe's truncated answers otherwise score above complete ones). The prompt is the one
+training uses, so the score is about the pair as it will be trained.
 """
 
 from __future__ import annotations
@@ -20,7 +29,11 @@ from .exit_codes import BadInputError
 from .prompt_guards import encode_continuation, encode_prompt
 from .static_decode import report_compile_failure
 
-__all__ = ["InstructionCritic"]
+__all__ = ["InstructionCritic", "LOGIT_BUDGET"]
+
+# At most this many logits (rows x kept positions x vocabulary) per forward pass of the relevance
+# scorer: 2^27 floats = 512 MiB, where a 262k vocabulary makes 256 response tokens alone 67M per row.
+LOGIT_BUDGET = 1 << 27
 
 
 class InstructionCritic:
@@ -57,11 +70,109 @@ class InstructionCritic:
                            [build(text, swapped=True) for text in instructions] if self.label_swap else None,
                            confidence_threshold, PROMPT_VERSIONS["instruction_critic"])
 
-    def critique_pairs_batch(self, pairs: Sequence[tuple[str, str]], confidence_threshold: float | None = None) -> list[dict]:
+    def critique_pairs_batch(self, pairs: Sequence[tuple[str, str]], confidence_threshold: float | None = None,
+                             label_swap: bool | None = None) -> list[dict]:
+        """`label_swap` (default: the critic's own) asks each pair again with the letters traded; the
+        decision then holds the direct reading (logp_a - logp_b) and the averaged `margin`."""
         build = CompletionStylePrompts.create_pair_critic_prompt
-        return self._judge([build(i, r) for i, r in pairs],
-                           [build(i, r, swapped=True) for i, r in pairs] if self.label_swap else None,
+        swap = self.label_swap if label_swap is None else label_swap
+        return self._judge([build(i, r) for i, r in pairs], [build(i, r, swapped=True) for i, r in pairs] if swap else None,
                            confidence_threshold, PROMPT_VERSIONS["pair_critic"])
+
+    def relevance_scores(self, pairs: Sequence[tuple[str, str]]) -> list[dict]:
+        """Per pair: {"logp_conditioned", "logp_unconditioned", "n_tokens", "pmi", "relevance"}, where
+        pmi = log p(y|x) - log p(y) over the n_tokens completion tokens (EOS included) and
+        relevance = pmi / n_tokens; pmi and relevance are None for an empty response.
+
+        Both sides score the same completion tokens; the unconditioned side sees the bare response
+        delimiter, so the score isolates what the instruction adds, not what the answer format adds.
+        """
+        prompts = CompletionStylePrompts
+        completions = [prompts.format_completion(response) if response.strip() else "" for _, response in pairs]
+        contexts = [prompts.create_response_prompt(instruction) for instruction, _ in pairs]
+        contexts += [prompts.unconditioned_response_prompt()] * len(pairs)
+        scored = self.continuation_logprobs(contexts, completions + completions, append_eos=True)
+        scores = []
+        for (conditioned, n), (unconditioned, _), text in zip(scored[:len(pairs)], scored[len(pairs):], completions, strict=True):
+            pmi = conditioned - unconditioned if text else None
+            scores.append({"logp_conditioned": round(conditioned, 6), "logp_unconditioned": round(unconditioned, 6),
+                           "n_tokens": n, "pmi": None if pmi is None else round(pmi, 6),
+                           "relevance": None if pmi is None else round(pmi / n, 6)})
+        return scores
+
+    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str],
+                              append_eos: bool = False) -> list[tuple[float, int]]:
+        """(sum of log P(continuation tokens | prompt), number of those tokens) per pair, batched;
+        with `append_eos` the model's EOS ends each non-empty continuation, as in training.
+
+        Rows are left-padded so every continuation ends at the last position, with positions
+        counted from each row's first real token (as generation does). `logits_to_keep` asks the
+        model for the continuation's positions only, and a batch holds at most LOGIT_BUDGET logits.
+        A prompt too long for the context loses its front (after BOS); the continuation is never cut.
+        """
+        import torch
+        from tqdm.auto import tqdm
+
+        rows, lengths = [], []
+        for prompt, continuation in zip(prompts, continuations, strict=True):
+            tail = encode_continuation(self.tokenizer, continuation) if continuation else []
+            if tail and append_eos:
+                tail.append(self.tokenizer.eos_token_id)
+            rows.append(self._fit(encode_prompt(self.tokenizer, prompt), reserve=len(tail)) + tail)
+            lengths.append(len(tail))
+        # Longest continuation first: rows of a batch keep about as many positions as they need.
+        order = sorted(range(len(rows)), key=lambda i: (-lengths[i], -len(rows[i]), i))
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        out: list[tuple[float, int] | None] = [None] * len(rows)
+        pad_id = self.tokenizer.pad_token_id
+        progress = tqdm(total=len(rows), desc="relevance", disable=not self.show_progress)
+        start = 0
+        while start < len(order):
+            keep = lengths[order[start]]
+            fits = max(1, min(self.batch_size, LOGIT_BUDGET // ((keep + 1) * vocab)))
+            batch = order[start:start + fits]
+            width = max(len(rows[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, i in enumerate(batch):
+                input_ids[r, width - len(rows[i]):] = torch.tensor(rows[i])
+                attention[r, width - len(rows[i]):] = 1
+            if keep:
+                sums = self._continuation_sums(input_ids, attention, keep, [lengths[i] for i in batch])
+            else:
+                sums = [0.0] * len(batch)
+            for r, i in enumerate(batch):
+                out[i] = (sums[r], lengths[i])
+            start += len(batch)
+            progress.update(len(batch))
+        progress.close()
+        return out  # type: ignore[return-value]
+
+    def _continuation_sums(self, input_ids, attention, keep: int, lengths: list[int]) -> list[float]:
+        import torch
+
+        device = self.model.device
+        # Position t predicts token t + 1: the logits for the last `keep` tokens are those at the
+        # positions width-keep-1 .. width-2, i.e. the last keep + 1 positions without the final one.
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        mask = None if bool(attention.all()) else attention.to(device)
+        targets = input_ids[:, -keep:].to(device)
+        with torch.inference_mode():
+            logits = self._forward_logits(input_ids.to(device), mask, positions.to(device), keep + 1)[:, :-1, :]
+            picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+        return [float(picked[r, keep - n:].sum()) for r, n in enumerate(lengths)]
+
+    def _forward_logits(self, input_ids, mask, positions, keep: int):
+        run = lambda forward: forward(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                      logits_to_keep=keep).logits.float()
+        if self.forward is self.model:
+            return run(self.model)
+        try:
+            return run(self.forward)
+        except Exception as err:  # noqa: BLE001 - a compiler failure must not stop the scoring
+            report_compile_failure(err, "critic")
+            self.forward = self.model
+            return run(self.model)
 
     # -- internals -------------------------------------------------------------------------
     def _judge(self, prompts: list[str], swapped_prompts: list[str] | None, threshold: float | None,
@@ -78,7 +189,7 @@ class InstructionCritic:
                 decision.update(swapped_logp_a=round(swap_a, 6), swapped_logp_b=round(swap_b, 6),
                                 swapped_margin=round(swap_b - swap_a, 6),
                                 margin=round((logp_a - logp_b + swap_b - swap_a) / 2, 6))
-            decision.update(threshold=threshold, label_swap=self.label_swap, accepted=decision["margin"] >= threshold,
+            decision.update(threshold=threshold, label_swap=swapped is not None, accepted=decision["margin"] >= threshold,
                             prompt_version=prompt_version)
             decisions.append(decision)
         return decisions
@@ -124,13 +235,18 @@ class InstructionCritic:
             self.forward = self.model
             return run(self.model)
 
-    def _fit(self, ids: list[int]) -> list[int]:
-        """Shorten from the front (after BOS), never the end: the answer slot must stay last."""
-        if len(ids) <= self.max_prompt_tokens:
+    def _fit(self, ids: list[int], reserve: int = 0) -> list[int]:
+        """Shorten from the front (after BOS), never the end: the answer slot must stay last, and
+        `reserve` positions stay free for a continuation that follows (at least one prompt token is kept)."""
+        room = self.max_prompt_tokens - reserve
+        if len(ids) <= room:
             return ids
         keep_bos = self.tokenizer.stage1_guard["prepend_bos"]
         head = ids[:1] if keep_bos else []
-        return head + ids[len(ids) - (self.max_prompt_tokens - len(head)):]
+        if room - len(head) < 1:
+            raise BadInputError(f"a continuation of {reserve} tokens leaves no room for its prompt in the critic's "
+                                f"{self.max_prompt_tokens}-token context")
+        return head + ids[len(ids) - (room - len(head)):]
 
 
 def _single_token_labels(tokenizer) -> tuple[int, int]:

@@ -1,8 +1,11 @@
 """The record kinds of the pipeline, one typed dataclass each, with one set of field names.
 
-Generation writes CandidateRecord (phase 1), InstructionRecord (phase 2), ResponseRecord (phase 3),
-JudgedPairRecord (phase 4) and SFTExampleRecord (the accepted pairs: the pilot's and each shard's
-`sft_data.jsonl`, and the merged dataset); the evaluation writes EvaluationResponseRecord. The
+Generation writes CandidateRecord (phase 1), InstructionRecord (phase 2), ResponseRecord (phase 3:
+one per sampled response candidate), ScoredResponseRecord (phase 4: every candidate with its scores),
+JudgedPairRecord (phase 4: one per instruction, the chosen candidate and the verdict),
+ConstrainedPairRecord (phase 5: the accepted pairs given verifiable constraints) and SFTExampleRecord
+(the accepted pairs: the pilot's and each shard's `sft_data.jsonl`, and the merged dataset); the
+evaluation writes EvaluationResponseRecord. The
 same thing has the same name in every kind: `raw_response` is the model's text before cleaning,
 `response` the cleaned text, `was_cut` whether the cleaner removed something, `round` the
 generation round. docs/record_schema.md documents every field; a test keeps the two in step.
@@ -16,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["CandidateRecord", "InstructionRecord", "ResponseRecord", "JudgedPairRecord", "SFTExampleRecord",
-           "EvaluationResponseRecord", "RECORD_KINDS", "field_names", "unique_by_id"]
+__all__ = ["CandidateRecord", "InstructionRecord", "ResponseRecord", "ScoredResponseRecord", "JudgedPairRecord",
+           "ConstrainedPairRecord", "SFTExampleRecord", "EvaluationResponseRecord", "RECORD_KINDS", "field_names", "unique_by_id"]
 
 
 class _Record:
@@ -56,6 +59,8 @@ class InstructionRecord(_Record):
 @dataclass(frozen=True)
 class ResponseRecord(_Record):
     id: str
+    instruction_id: str
+    candidate_index: int
     round: int
     instruction: str
     raw_response: str
@@ -65,6 +70,29 @@ class ResponseRecord(_Record):
     n_generated_tokens: int
     n_response_tokens: int
     prompt_version: str
+
+
+@dataclass(frozen=True)
+class ScoredResponseRecord(_Record):
+    id: str
+    instruction_id: str
+    candidate_index: int
+    round: int
+    instruction: str
+    raw_response: str
+    response: str
+    was_cut: bool
+    finish_reason: str
+    n_generated_tokens: int
+    n_response_tokens: int
+    prompt_version: str
+    pair_critic: dict | None
+    relevance: dict | None
+    signals: dict
+    runaway: bool
+    token_limit: bool
+    constraint_checks: list[dict] | None
+    filter_reasons: list[str]
 
 
 @dataclass(frozen=True)
@@ -80,7 +108,28 @@ class JudgedPairRecord(_Record):
     n_response_tokens: int
     prompt_version: str
     instruction_critic: dict | None
-    pair_critic: dict
+    pair_critic: dict | None
+    relevance: dict | None
+    signals: dict
+    candidate_id: str
+    selection: dict
+    accepted: bool
+    rejection_reasons: list[str]
+
+
+@dataclass(frozen=True)
+class ConstrainedPairRecord(_Record):
+    id: str
+    round: int
+    instruction: str
+    response: str
+    n_response_tokens: int
+    original_instruction: str
+    original_response: str
+    constraints: list[dict]
+    constraint_checks: list[dict]
+    constraint_mode: str | None
+    constraint_modes: list[str]
 
 
 @dataclass(frozen=True)
@@ -95,10 +144,32 @@ class SFTExampleRecord(_Record):
     n_generated_tokens: int
     n_response_tokens: int
     instruction_critic: dict | None
-    pair_critic: dict
+    pair_critic: dict | None
+    relevance: dict | None
+    signals: dict
+    candidate_id: str
+    selection: dict
+    original_instruction: str | None
+    original_response: str | None
+    constraints: list[dict]
+    constraint_checks: list[dict]
+    constraint_mode: str | None
     generation: dict
     seed: int
     prompt_version: str
+
+    @classmethod
+    def from_judged(cls, judged: dict, constrained: dict | None, generation: dict, seed: int) -> SFTExampleRecord:
+        """The training record of an accepted judged pair: relabeled where phase 5 gave it constraints."""
+        if not constrained or not constrained["constraints"]:
+            return cls.from_record(judged, generation=generation, seed=seed, original_instruction=None, original_response=None,
+                                   constraints=[], constraint_checks=[], constraint_mode=None)
+        return cls.from_record(
+            judged, instruction=constrained["instruction"], response=constrained["response"],
+            n_response_tokens=constrained["n_response_tokens"], original_instruction=constrained["original_instruction"],
+            original_response=constrained["original_response"], constraints=constrained["constraints"],
+            constraint_checks=constrained["constraint_checks"], constraint_mode=constrained["constraint_mode"],
+            generation=generation, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -120,7 +191,9 @@ RECORD_KINDS = {
     "candidate": CandidateRecord,
     "instruction": InstructionRecord,
     "response": ResponseRecord,
+    "scored response": ScoredResponseRecord,
     "judged pair": JudgedPairRecord,
+    "constrained pair": ConstrainedPairRecord,
     "SFT example": SFTExampleRecord,
     "evaluation response": EvaluationResponseRecord,
 }

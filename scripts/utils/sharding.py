@@ -13,8 +13,11 @@ when i % WORLD_SIZE == r; with explicit shard indices, rank r takes the r-th, (r
 
 Merge: shards in index order, records in id order; an instruction that is an exact or near
 duplicate (NearDuplicateIndex, the pilot's threshold) of one already kept is removed (first one
-wins); the result is cut to the requested count. QC is recomputed on every shard's judged pairs
-minus the removed duplicates.
+wins; a pair relabeled with constraints is compared by its task, the instruction before the
+constraint texts); a pair whose instruction, or whose task, overlaps the held-out test set is
+removed; the result is cut to the requested count. QC is recomputed on every shard's judged pairs
+minus the removed ones, with the pilot's critic-signal verdict and the constraint checks of the
+merged records.
 
 The output path is checked before any shard runs (`check_scale_output`): a folder where the
 merged file goes, or a path below a file, is refused at once (exit 2) instead of after the last shard.
@@ -31,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .constraint_data import constraint_summary
 from .dedup import NearDuplicateIndex
 from .exit_codes import BadInputError, RefusedError
 from .jsonl_io import read_jsonl
@@ -211,16 +215,21 @@ def merge_records(shard_records: list[list[dict]], threshold: float, count: int 
     kept, removed = [], []
     for shard, records in enumerate(shard_records):
         for record in sorted(records, key=lambda r: r["id"]):
-            overlaps = held_out.matches(record["instruction"]) if held_out is not None else []
+            # A constrained pair's task alone may equal a short test instruction that its appended
+            # constraint texts hide from the near-duplicate and 8-gram rules: both are checked.
+            task = record.get("original_instruction") or record["instruction"]
+            overlaps = []
+            if held_out is not None:
+                overlaps = held_out.matches(record["instruction"]) or (held_out.matches(task) if task != record["instruction"] else [])
             if overlaps:
                 removed.append({"id": record["id"], "shard": shard, "kind": "held_out_overlap", "test_id": overlaps[0]["id"],
                                 "match": overlaps[0]["kind"]})
                 continue
-            kind, match = index.find(record["instruction"])
+            kind, match = index.find(task)
             if kind != "new":
                 removed.append({"id": record["id"], "shard": shard, "kind": kind, "duplicate_of": match})
                 continue
-            index.add(record["id"], record["instruction"])
+            index.add(record["id"], task)
             kept.append(record)
     return (kept if count is None else kept[:count]), removed
 
@@ -240,9 +249,10 @@ def sum_phase_counts(all_counts: list[dict]) -> dict:
 
 
 def merge_shards(specs: list[ShardSpec], count: int, expected_configs: dict[int, dict], threshold: float,
-                 qc_thresholds: dict, held_out=None) -> dict:
+                 qc_thresholds: dict, held_out=None, critic_signals: dict | None = None) -> dict:
     """Check every shard, merge and dedup, recompute QC. Raises RefusedError for a missing,
-    changed or differently configured shard, or shards made by different models."""
+    changed or differently configured shard, shards made by different models, or (given the
+    pilot's `critic_signals` record) shards made with another critic-signal verdict."""
     states = {s.index: shard_status(s) for s in specs}
     bad = {i: st for i, st in states.items() if st != "complete"}
     if bad:
@@ -255,6 +265,12 @@ def merge_shards(specs: list[ShardSpec], count: int, expected_configs: dict[int,
             diff = describe_differences(manifest.get("config") or {}, expected, "config")
             raise RefusedError(f"cannot merge: shard {spec.index} was made with a different configuration (differs in: {'; '.join(diff)}); "
                                "merge with the flags that made the shards")
+        if critic_signals is not None:
+            made_with = manifest.get("critic_signals") or {}
+            if (made_with.get("trusted"), made_with.get("rank_by")) != (critic_signals["trusted"], critic_signals["rank_by"]):
+                raise RefusedError(f"cannot merge: shard {spec.index} was made trusting {made_with.get('trusted')} ranked by "
+                                   f"{made_with.get('rank_by')}, the pilot's verdict is {critic_signals['trusted']} ranked by "
+                                   f"{critic_signals['rank_by']}; rerun that shard")
         ident = model_identity(manifest.get("model_provenance"))
         if identity is not None and not same_model(ident, identity):
             raise RefusedError(f"cannot merge: shard {spec.index} was made by a different model ({ident}) than shard {specs[0].index} ({identity})")
@@ -270,7 +286,7 @@ def merge_shards(specs: list[ShardSpec], count: int, expected_configs: dict[int,
     phase_counts = sum_phase_counts([m.get("phase_counts") or {} for m in manifests])
     phase_counts.update(shards=len(specs), cross_shard_exact_duplicates=kinds["exact"], cross_shard_near_duplicates=kinds["near"],
                         held_out_overlaps_removed=kinds["held_out_overlap"])
-    qc = compute_qc(judged, qc_thresholds, phase_counts)
+    qc = compute_qc(judged, qc_thresholds, phase_counts, critic_signals=critic_signals, constraints=constraint_summary(records))
     shards = [{**s.as_dict(), "manifest": str(s.manifest_path), "manifest_sha256": sha256_file(s.manifest_path),
                "data_sha256": m["outputs"]["data"]["sha256"], "records": m.get("records"), "qc_passed": m["qc"]["passed"],
                "wall_seconds": m.get("wall_seconds")} for s, m in zip(specs, manifests, strict=True)]

@@ -1,12 +1,18 @@
 """The five generation phases shared by the pilot and every scale shard, their settings, and the one
 function that turns a folder into a finished run (`generate_into_folder`).
 
-1 the base model continues few-shot numbered lists (new instructions); 2 pre-filters, duplicate
-removal and the instruction critic; 3 responses in completion form; 4 the pair critic; 5 QC.
+1 the base model continues few-shot numbered lists (new instructions); 2 pre-filters (length, a
+keyword blacklist of tasks a text model cannot do, non-text), duplicate removal against the whole
+pool and the instruction critic; 3 `num_candidates` responses per instruction, generated with the
+response template (`response_v3`: after hand-written demonstrations); 4 every candidate scored, the
+critic signals proven on a probe (the pilot's first round), the best passing candidate judged
+(`utils.response_selection`); 5 a seeded fraction of the accepted pairs relabeled with verifiable
+constraints (`utils.constraint_data`); then QC.
 Each phase appends typed records (`utils.records`) to its own JSONL in the folder, keyed by
 candidate id, so a killed run resumes where it stopped with no record lost or written twice. Work
 proceeds in rounds until `count` pairs are accepted (or `max_rounds` is reached); a round's size
-depends only on earlier rounds.
+depends only on earlier rounds. A pilot whose probe finds no discriminating signal stops after its
+first round and fails its gate.
 
 Settings: every default lives once, in `Stage1Config`. A named calibration (`utils.calibration`)
 changes some of them for a model; a flag changes one more and is recorded as an override. The
@@ -33,7 +39,18 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .cli_validation import Range, check_values, in_range, non_negative_int, positive_float, positive_int, probability
-from .completion_prompts import PROMPT_VERSIONS, SEED_INSTRUCTIONS, CompletionStylePrompts
+from .completion_prompts import (
+    DEFAULT_RESPONSE_TEMPLATE,
+    PROMPT_VERSIONS,
+    RESPONSE_TEMPLATES,
+    SEED_INSTRUCTIONS,
+    CompletionStylePrompts,
+    check_demonstrations,
+    demonstrations_fingerprint,
+)
+from .constraint_data import constrain_accepted, constraint_summary, family_names
+from .constraints import CATALOGUE_VERSION, TRAINED_FAMILIES
+from .critic_probe import DEFAULT_MIN_AUC
 from .dedup import NearDuplicateIndex
 from .exit_codes import BadInputError
 from .generation import GenerationEngine, SamplingParams
@@ -42,19 +59,30 @@ from .jsonl_io import JsonlAppender, check_output_file
 from .prompt_guards import contains_chat_marker, encode_continuation
 from .provenance_helper import MODEL_IDENTITY_KEYS, model_identity, same_model
 from .qc import QC_THRESHOLD_RANGES, QC_THRESHOLDS, compute_qc
-from .records import CandidateRecord, InstructionRecord, JudgedPairRecord, ResponseRecord, SFTExampleRecord, unique_by_id
+from .records import CandidateRecord, InstructionRecord, ResponseRecord, SFTExampleRecord, unique_by_id
+from .response_selection import CriticSignals, candidate_key, judge_instructions, measure_signals, score_candidates
 
-__all__ = ["Stage1Config", "PHASE_FILES", "SFT_DATA_FILE", "RUN_CONFIG_FILE", "prefilter_instruction", "run_stage1_generation",
+__all__ = ["Stage1Config", "PHASE_FILES", "SFT_DATA_FILE", "RUN_CONFIG_FILE", "BLACKLIST_KEYWORDS", "blacklisted_keyword",
+           "prefilter_instruction", "run_stage1_generation",
            "Setting", "TUNABLE_SETTINGS", "CONFIG_RANGES", "setting_value", "with_settings", "apply_flags", "pilot_config",
            "scale_config", "config_from_dict", "config_from_manifest", "add_generation_arguments", "DefaultsHelpFormatter",
            "describe_differences", "check_run_identity", "claim_output_dir", "check_output_path", "GenerationJob",
            "generate_into_folder"]
 
 PHASE_FILES = {"candidates": "phase1_candidates.jsonl", "instructions": "phase2_instructions.jsonl",
-               "responses": "phase3_responses.jsonl", "judged": "phase4_judged.jsonl"}
+               "responses": "phase3_responses.jsonl", "scored": "phase4_scored_responses.jsonl",
+               "judged": "phase4_judged.jsonl", "constrained": "phase5_constrained.jsonl"}
 SFT_DATA_FILE = "sft_data.jsonl"
 RUN_CONFIG_FILE = "run_config.json"
 _URL = re.compile(r"https?://|www\.|\.com\b", re.IGNORECASE)
+# Self-Instruct's filter: tasks a text-only model cannot do (see or make images, sound, files, links,
+# or act in a browser). Whole words with their inflections, so "photosynthesis" or "paragraph" pass.
+BLACKLIST_KEYWORDS = ("image", "picture", "photo", "draw", "diagram", "chart", "graph", "video", "audio", "sound recording",
+                      "file", "upload", "download", "attach", "URL", "link", "website", "go to", "click")
+_BLACKLIST = re.compile(
+    r"\b(images?|pictures?|photos?|photographs?|draw(?:s|ing|ings|n)?|diagrams?|charts?|graphs?|videos?|audio|"
+    r"sound recordings?|files?|upload(?:s|ed|ing)?|download(?:s|ed|ing)?|attach(?:es|ed|ing|ment|ments)?|urls?|"
+    r"links?|websites?|go to|click(?:s|ed|ing)?)\b", re.IGNORECASE)
 
 
 @dataclass
@@ -64,9 +92,18 @@ class Stage1Config:
     count: int = 100
     seed: int = 42
     instruction: SamplingParams = field(default_factory=lambda: SamplingParams(0.7, 0.9, 1.1, 48))
-    response: SamplingParams = field(default_factory=lambda: SamplingParams(0.3, 0.85, 1.15, 80))
+    response_template: str = DEFAULT_RESPONSE_TEMPLATE
+    # The source's 80-token cap was set for answers cut at a blank line; it follows the template
+    # (RESPONSE_TEMPLATES[...].default_max_new_tokens) unless set.
+    response: SamplingParams = field(default_factory=lambda: SamplingParams(
+        0.3, 0.85, 1.15, RESPONSE_TEMPLATES[DEFAULT_RESPONSE_TEMPLATE].default_max_new_tokens))
+    num_candidates: int = 1
     confidence_threshold: float = 1.0
     label_swap: bool = False
+    relevance_min: float = 0.0
+    min_signal_auc: float = DEFAULT_MIN_AUC
+    constraint_fraction: float = 0.3
+    constraint_families: list = field(default_factory=lambda: list(TRAINED_FAMILIES))
     num_examples: int = 5
     min_words: int = 3
     max_words: int = 60
@@ -83,11 +120,14 @@ class Stage1Config:
 @dataclass(frozen=True)
 class Setting:
     """A setting a flag or a calibration may change: where it sits in `Stage1Config.as_dict()`,
-    what it may be (None: an on/off switch) and what it does."""
+    what it may be (a Range; None: an on/off switch; a tuple: one of those names; or a checker
+    with `problem`/`describe`, such as `constraint_data.family_names`) and what it does. A
+    `pilot_only` setting has no flag in the scale stage (its effect is the pilot's verdict)."""
 
     path: tuple[str, ...]
-    allowed: Range | None
+    allowed: object
     help: str
+    pilot_only: bool = False
 
     @property
     def name(self) -> str:
@@ -108,15 +148,27 @@ _SAMPLING_SETTINGS = {
 TUNABLE_SETTINGS = (
     *(Setting((part, name), allowed, f"{text} of {part}s") for part in ("instruction", "response")
       for name, (allowed, text) in _SAMPLING_SETTINGS.items()),
+    Setting(("response_template",), tuple(RESPONSE_TEMPLATES),
+            "how responses are generated: response_v3 puts hand-written demonstrations before the instruction (its answer "
+            "ends at an end marker; lists and paragraphs survive), response_v2 is the bare prompt cut at a blank line; "
+            "training and evaluation always use the bare prompt; changes the response token cap to the template's "
+            "unless --response-max-new-tokens is given"),
+    Setting(("num_candidates",), positive_int, "responses sampled per instruction; the best passing one is kept, all are saved"),
     Setting(("confidence_threshold",), in_range(float), "critic log-prob margin log P(A) - log P(B) needed to accept"),
-    Setting(("label_swap",), None, "ask each critic item twice with A/B swapped and average the margins"),
+    Setting(("label_swap",), None, "ask each instruction-critic item twice with A/B swapped and average the margins (the "
+                                   "pair critic always asks both ways; its probe decides which reading is trusted)"),
+    Setting(("relevance_min",), in_range(float), "per-token log p(response|instruction) - log p(response) a pair must "
+                                                 "exceed, where relevance is a trusted signal"),
+    Setting(("min_signal_auc",), probability, "probe ROC AUC a critic signal needs to accept or rank pairs", pilot_only=True),
+    Setting(("constraint_fraction",), probability, "fraction of accepted pairs relabeled with verifiable constraints"),
+    Setting(("constraint_families",), family_names, "constraint families the relabeling may use (trained families only)"),
     Setting(("max_rounds",), positive_int, "generation rounds allowed to reach the count"),
     *(Setting(("qc_thresholds", key), allowed, f"QC gate {key}") for key, allowed in QC_THRESHOLD_RANGES.items()),
 )
 _SETTINGS_BY_NAME = {setting.name: setting for setting in TUNABLE_SETTINGS}
 # Every numeric field of a config, by dotted path: what a config read back from a manifest must satisfy.
 CONFIG_RANGES = {
-    **{".".join(s.path): s.allowed for s in TUNABLE_SETTINGS if s.allowed is not None},
+    **{".".join(s.path): s.allowed for s in TUNABLE_SETTINGS if isinstance(s.allowed, Range)},
     "count": positive_int, "seed": non_negative_int, "num_examples": positive_int, "min_words": positive_int,
     "max_words": positive_int, "near_duplicate_threshold": probability, "first_round_oversample": positive_float,
 }
@@ -143,7 +195,11 @@ def with_settings(config: Stage1Config, values: dict) -> Stage1Config:
 
 def apply_flags(config: Stage1Config, args) -> tuple[Stage1Config, dict]:
     """`config` with every setting flag that was given; returns it and the overrides
-    ({name: {"from": value before, "to": flag value}}) for flags that changed something."""
+    ({name: {"from": value before, "to": flag value}}) for flags that changed something.
+
+    A new response template brings its own token cap unless the cap is given too (or was set to
+    something other than the old template's): recorded as an override "because" of the template.
+    """
     values, overrides = {}, {}
     for setting in TUNABLE_SETTINGS:
         value = getattr(args, setting.name, None)
@@ -151,6 +207,12 @@ def apply_flags(config: Stage1Config, args) -> tuple[Stage1Config, dict]:
         if value is not None and value != current:
             values[setting.name] = value
             overrides[setting.name] = {"from": current, "to": value}
+    if "response_template" in values and "response_max_new_tokens" not in values:
+        old_cap = RESPONSE_TEMPLATES[config.response_template].default_max_new_tokens
+        new_cap = RESPONSE_TEMPLATES[values["response_template"]].default_max_new_tokens
+        if config.response.max_new_tokens == old_cap != new_cap:
+            values["response_max_new_tokens"] = new_cap
+            overrides["response_max_new_tokens"] = {"from": old_cap, "to": new_cap, "because": "--response-template"}
     return with_settings(config, values), overrides
 
 
@@ -197,6 +259,12 @@ def config_from_manifest(data, source: str) -> Stage1Config:
                 raise BadInputError(f"{where}: {prefix}{key}: expected an object, got {value!r}")
     if not isinstance(data["label_swap"], bool):
         raise BadInputError(f"{where}: label_swap: got {data['label_swap']!r}, expected true or false")
+    if data["response_template"] not in RESPONSE_TEMPLATES:
+        raise BadInputError(f"{where}: response_template: got {data['response_template']!r}, expected one of "
+                            f"{', '.join(RESPONSE_TEMPLATES)}")
+    problem = family_names.problem(data["constraint_families"])
+    if problem:
+        raise BadInputError(f"{where}: constraint_families: {problem}")
     flat = {path: _dotted(data, path) for path in CONFIG_RANGES}
     check_values(flat, CONFIG_RANGES, where)
     return config_from_dict(data)
@@ -225,13 +293,20 @@ def add_generation_arguments(parser: argparse.ArgumentParser, inherited_from: st
     groups = {"generation": parser.add_argument_group("generation settings"),
               "qc": parser.add_argument_group("QC thresholds (the gate)")}
     for setting in TUNABLE_SETTINGS:
+        if setting.pilot_only and inherited_from:
+            continue
         group = groups["qc" if setting.path[0] == "qc_thresholds" else "generation"]
-        source = inherited_from or f"{setting_value(defaults, setting)}, or the calibration's value"
+        default = setting_value(defaults, setting)
+        shown = ",".join(default) if isinstance(default, list) else default
+        source = inherited_from or f"{shown}, or the calibration's value"
         if setting.allowed is None:
             group.add_argument(setting.flag, action=argparse.BooleanOptionalAction, default=None,
                                help=f"{setting.help} (default: {source})")
+        elif isinstance(setting.allowed, tuple):
+            group.add_argument(setting.flag, choices=setting.allowed, default=None, help=f"{setting.help} (default: {source})")
         else:
-            group.add_argument(setting.flag, type=setting.allowed, default=None, metavar=setting.allowed.kind.__name__.upper(),
+            metavar = getattr(setting.allowed, "metavar", None) or setting.allowed.kind.__name__.upper()
+            group.add_argument(setting.flag, type=setting.allowed, default=None, metavar=metavar,
                                help=f"{setting.help}; {setting.allowed.describe()} (default: {source})")
     parser.add_argument("--compile", action="store_true",
                         help="GPU only: torch.compile the decode step and the critic's forward pass; each new batch shape "
@@ -329,11 +404,17 @@ class GenerationJob:
     key_prefix: str = ""
     inputs: dict = field(default_factory=dict)  # role -> path, hashed into the manifest
     manifest_extra: dict = field(default_factory=dict)  # calibration, overrides, shard facts, ...
+    # A scale shard's: the pilot's verdict on its critic signals. None: the run measures its own (the pilot).
+    critic_signals: CriticSignals | None = None
 
     def identity(self, provenance: dict) -> dict:
-        """What the folder's run is: its config, the model's identity and dtype, its key prefix."""
-        return {"config": self.config.as_dict(), "model": model_identity(provenance), "dtype": provenance.get("dtype"),
-                "key_prefix": self.key_prefix}
+        """What the folder's run is: its config, the model's identity and dtype, its key prefix, and
+        the critic signals it was given (a pilot rerun with another verdict cannot finish its shards)."""
+        identity = {"config": self.config.as_dict(), "model": model_identity(provenance), "dtype": provenance.get("dtype"),
+                    "key_prefix": self.key_prefix}
+        if self.critic_signals is not None:
+            identity["critic_signals"] = {"trusted": list(self.critic_signals.trusted), "rank_by": self.critic_signals.rank_by}
+        return identity
 
 
 def generate_into_folder(job: GenerationJob, loaded: tuple, args, *, batch_size: int, show_progress: bool,
@@ -349,6 +430,8 @@ def generate_into_folder(job: GenerationJob, loaded: tuple, args, *, batch_size:
 
     model, tokenizer, provenance = loaded
     folder, config = Path(job.folder), job.config
+    if RESPONSE_TEMPLATES[config.response_template].demonstrations:
+        check_demonstrations(tokenizer)  # before the folder is claimed: a refused start leaves nothing behind
     resumed = claim_output_dir(folder, job.identity(provenance))
     print(f"{job.log_prefix} {'resuming' if resumed else 'starting'} ({config.count} pairs, seed {config.seed}) in {folder}",
           flush=True)
@@ -356,23 +439,35 @@ def generate_into_folder(job: GenerationJob, loaded: tuple, args, *, batch_size:
     manifest_path.unlink(missing_ok=True)  # a manifest on disk vouches for the data beside it, which is about to change
     start = time.time()
     result = run_stage1_generation(model, tokenizer, config, folder, batch_size=batch_size, show_progress=show_progress,
-                                   key_prefix=job.key_prefix, compile=compile)
+                                   key_prefix=job.key_prefix, compile=compile, critic_signals=job.critic_signals)
     data_path = folder / SFT_DATA_FILE
     write_jsonl_atomic(data_path, result["final"])
     qc = result["qc"]
     if len(result["final"]) < config.count:
         qc["shortfall"] = f"{len(result['final'])} accepted of {config.count} asked after {config.max_rounds} rounds"
+    outputs = {"data": data_path, "judged": folder / PHASE_FILES["judged"], "scored_responses": folder / PHASE_FILES["scored"]}
+    if (folder / "probe.json").exists():
+        outputs["probe"] = folder / "probe.json"
+    prompt_versions = {**PROMPT_VERSIONS, "response_generation": config.response_template}
+    if RESPONSE_TEMPLATES[config.response_template].demonstrations:
+        prompt_versions["demonstrations_sha256"] = demonstrations_fingerprint()
     manifest = create_session_manifest(
-        job.stage, args, outputs={"data": data_path, "judged": folder / PHASE_FILES["judged"]}, inputs=job.inputs, qc=qc,
-        config=config.as_dict(), prompt_versions=dict(PROMPT_VERSIONS), model_provenance=provenance,
-        phase_counts=result["phase_counts"], wall_seconds=round(time.time() - start, 1), resumed=resumed,
-        records=len(result["final"]), **job.manifest_extra)
+        job.stage, args, outputs=outputs, inputs=job.inputs, qc=qc, config=config.as_dict(), prompt_versions=prompt_versions,
+        model_provenance=provenance, phase_counts=result["phase_counts"], wall_seconds=round(time.time() - start, 1),
+        resumed=resumed, records=len(result["final"]), critic_signals=result["critic_signals"],
+        constraint_catalogue_version=CATALOGUE_VERSION, **job.manifest_extra)
     write_manifest_atomic(manifest_path, manifest)
     print(format_qc_table(qc))
     return {"qc": qc, "records": len(result["final"]), "data_path": data_path, "manifest_path": manifest_path}
 
 
 # -- the phases --------------------------------------------------------------------------------
+def blacklisted_keyword(text: str) -> str | None:
+    """The first blacklisted word of `text` (as written there), or None."""
+    match = _BLACKLIST.search(text)
+    return match.group(0) if match else None
+
+
 def prefilter_instruction(text: str, finish_reason: str, examples: list[str], config: Stage1Config) -> str | None:
     """The reason a candidate is dropped before the critic, or None if it passes."""
     words = text.split()
@@ -389,14 +484,18 @@ def prefilter_instruction(text: str, finish_reason: str, examples: list[str], co
         return "contains_delimiter"
     if contains_chat_marker(text):
         return "chat_marker"
+    if blacklisted_keyword(text):
+        return "blacklisted_keyword"
     if any(text.strip().lower() == ex.lower() for ex in examples):
         return "copy_of_example"
     return None
 
 
 def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path, batch_size: int = 16,
-                          show_progress: bool = True, key_prefix: str = "", compile: bool = False) -> dict:
-    """Run (or resume) the phases; returns {"final": SFT example dicts, "qc": summary, "phase_counts": counts}."""
+                          show_progress: bool = True, key_prefix: str = "", compile: bool = False,
+                          critic_signals: CriticSignals | None = None) -> dict:
+    """Run (or resume) the phases; returns {"final": SFT example dicts, "qc": summary, "phase_counts": counts,
+    "critic_signals": the verdict used}. Without `critic_signals` (the pilot) the first round's probe decides them."""
     out_dir = Path(out_dir)
     engine = GenerationEngine(model, tokenizer, batch_size=batch_size, seed=config.seed, show_progress=show_progress,
                               compile=compile)
@@ -405,7 +504,7 @@ def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path,
     files = {name: JsonlAppender(out_dir / file_name) for name, file_name in PHASE_FILES.items()}
     try:
         for round_index in range(config.max_rounds):
-            accepted_before = sum(r["pair_critic"]["accepted"] for r in _records(files["judged"]) if r["round"] < round_index)
+            accepted_before = sum(r["accepted"] for r in _records(files["judged"]) if r["round"] < round_index)
             need = config.count - accepted_before
             if need <= 0:
                 break
@@ -419,11 +518,19 @@ def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path,
             _phase1(engine, files["candidates"], keys, round_index, config)
             _phase2(critic, files, keys, config)
             _phase3(engine, tokenizer, files, keys, config)
-            _phase4(critic, files, keys)
+            score_candidates(critic, files, keys, config)
+            if critic_signals is None:
+                critic_signals = measure_signals(critic, out_dir, _records(files["scored"]), config)
+                print(f"[probe] critic signal AUCs {critic_signals.aucs}; trusted: {list(critic_signals.trusted) or 'none'}",
+                      flush=True)
+            if not critic_signals.trusted:
+                break  # nothing may accept a pair: the gate fails with the probe's verdict
+            judge_instructions(files, keys, critic_signals, config)
+            constrain_accepted(files, keys, config, tokenizer)
     finally:
         for appender in files.values():
             appender.close()
-    return _summarize(files, config)
+    return _summarize(files, config, critic_signals)
 
 
 def _records(appender: JsonlAppender) -> list[dict]:
@@ -483,56 +590,62 @@ def _phase2(critic: InstructionCritic, files: dict, keys: list[str], config: Sta
 
 
 def _phase3(engine: GenerationEngine, tokenizer, files: dict, keys: list[str], config: Stage1Config) -> None:
+    """`num_candidates` responses per accepted instruction, each its own record (`<id>-c<j>`)."""
     wanted = set(keys)
+    template = config.response_template
     accepted = {r["id"]: r for r in _records(files["instructions"]) if r["accepted"] and r["id"] in wanted}
-    todo = [(key, CompletionStylePrompts.create_response_prompt(record["instruction"])) for key, record in sorted(accepted.items())
-            if key not in files["responses"]]
+    owner, todo = {}, []
+    for key, record in sorted(accepted.items()):
+        prompt = CompletionStylePrompts.create_generation_response_prompt(record["instruction"], template)
+        for index in range(config.num_candidates):
+            candidate = candidate_key(key, index)
+            owner[candidate] = (key, index)
+            if candidate not in files["responses"]:
+                todo.append((candidate, prompt))
 
     def save(result) -> None:
-        cleaned = CompletionStylePrompts.clean_response(result.text)
+        cleaned = CompletionStylePrompts.clean_response(result.text, template)
         n_response_tokens = len(encode_continuation(tokenizer, CompletionStylePrompts.format_completion(cleaned.text))) if cleaned.text else 0
-        instruction = accepted[result.key]
+        key, index = owner[result.key]
+        instruction = accepted[key]
         files["responses"].append(ResponseRecord(
-            id=result.key, round=instruction["round"], instruction=instruction["instruction"], raw_response=result.text,
-            response=cleaned.text, was_cut=cleaned.was_cut, finish_reason=result.finish_reason,
-            n_generated_tokens=result.n_generated_tokens, n_response_tokens=n_response_tokens,
-            prompt_version=PROMPT_VERSIONS["response"]).to_dict())
+            id=result.key, instruction_id=key, candidate_index=index, round=instruction["round"],
+            instruction=instruction["instruction"], raw_response=result.text, response=cleaned.text, was_cut=cleaned.was_cut,
+            finish_reason=result.finish_reason, n_generated_tokens=result.n_generated_tokens,
+            n_response_tokens=n_response_tokens, prompt_version=template).to_dict())
 
-    engine.generate(todo, config.response, CompletionStylePrompts.response_stop_strings(), on_result=save,
+    # Sampling is seeded per batch by its first key, so candidates of one instruction differ.
+    engine.generate(todo, config.response, CompletionStylePrompts.response_stop_strings(template), on_result=save,
                     description="phase 3 responses")
 
 
-def _phase4(critic: InstructionCritic, files: dict, keys: list[str]) -> None:
-    wanted = set(keys)
-    todo = [r for r in sorted(_records(files["responses"]), key=lambda r: r["id"]) if r["id"] in wanted and r["id"] not in files["judged"]]
-    judged_pairs = [r for r in todo if r["response"] and not contains_chat_marker(r["response"])]
-    judged = critic.critique_pairs_batch([(r["instruction"], r["response"]) for r in judged_pairs])
-    decisions = dict(zip([r["id"] for r in judged_pairs], judged, strict=True))
-    instruction_decisions = {r["id"]: r["instruction_critic"] for r in _records(files["instructions"])}
-    for record in todo:
-        # Empty responses and chat markers are rejected without asking the critic: no margin.
-        reason = "empty_response" if not record["response"] else "chat_marker"
-        decision = decisions.get(record["id"]) or {"accepted": False, "margin": None, "reason": reason}
-        files["judged"].append(JudgedPairRecord.from_record(
-            record, instruction_critic=instruction_decisions.get(record["id"]), pair_critic=decision).to_dict())
-
-
-def _summarize(files: dict, config: Stage1Config) -> dict:
+def _summarize(files: dict, config: Stage1Config, critic_signals: CriticSignals | None) -> dict:
     judged = sorted(_records(files["judged"]), key=lambda r: r["id"])
     instructions = _records(files["instructions"])
     responses = _records(files["responses"])
+    scored = _records(files["scored"])
+    constrained = {r["id"]: r for r in _records(files["constrained"])}
     phase_counts = {
         "candidates": len(_records(files["candidates"])),
         "prefilter_and_dedup": dict(Counter(r["filter"] or "passed" for r in instructions)),
+        "blacklisted_keywords": dict(Counter(blacklisted_keyword(r["instruction"]).lower() for r in instructions
+                                             if r["filter"] == "blacklisted_keyword")),
         "instruction_critic_judged": sum(r["instruction_critic"] is not None for r in instructions),
         "instruction_critic_accepted": sum(r["accepted"] for r in instructions),
         "responses": len(responses),
         "empty_responses": sum(not r["response"] for r in responses),
+        "response_candidates_scored": len(scored),
+        "response_candidate_filters": dict(Counter(reason for r in scored for reason in r["filter_reasons"])),
+        "judged_rejection_reasons": dict(Counter(reason for r in judged for reason in r["rejection_reasons"])),
+        "constraint_selected": len(constrained),
+        "constraint_unconstrainable": sum(not r["constraints"] for r in constrained.values()),
     }
     judged_instr = phase_counts["instruction_critic_judged"]
     phase_counts["instruction_critic_acceptance_rate"] = phase_counts["instruction_critic_accepted"] / judged_instr if judged_instr else None
-    qc = compute_qc(judged, config.qc_thresholds, phase_counts)
     generation = {"instruction": config.instruction.as_dict(), "response": config.response.as_dict()}
-    accepted = [r for r in judged if r["pair_critic"]["accepted"]][: config.count]
-    final = [SFTExampleRecord.from_record(r, generation=generation, seed=config.seed).to_dict() for r in accepted]
-    return {"final": final, "qc": qc, "phase_counts": phase_counts}
+    accepted = [r for r in judged if r["accepted"]][: config.count]
+    final = [SFTExampleRecord.from_judged(r, constrained.get(r["id"]), generation, config.seed).to_dict() for r in accepted]
+    signals = critic_signals.as_record() if critic_signals is not None else None
+    qc = compute_qc(judged, config.qc_thresholds, phase_counts, critic_signals=signals, constraints=constraint_summary(final),
+                    candidates=scored)
+    return {"final": final, "qc": qc, "phase_counts": phase_counts, "critic_signals": signals}

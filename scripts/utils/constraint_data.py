@@ -1,0 +1,218 @@
+"""Constraint data in Stage 1: accepted pairs relabeled with verifiable constraints (rule-based, no model).
+
+After the pair critic, a seeded fraction of the accepted pairs (`constraint_fraction`) gets one to
+three compatible constraints from the trained families (`utils.constraints`): either one its
+response already satisfies (measured: its word-count band, its item count, a keyword it contains,
+its first word) or one the response is rewritten to satisfy (a deterministic rewrite: trimmed,
+lower-cased, given a title, ...). The constraint texts are appended to the instruction in one of
+their training wordings (`constraints.build_instruction`), and the pair is checked again by every
+checker before it is written: a failing pair is a bug (RuntimeError, exit 1), never a kept record.
+
+Which pairs are chosen, and everything drawn for them, depends only on the run's seed and the
+pair's id (a hash, not a position), so a resumed run or another shard layout chooses the same.
+
+    if selected_for_constraints(seed, record["id"], 0.3):
+        relabeled = constrain_pair(record["instruction"], record["response"], families, pair_rng(seed, record["id"]))
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+from .constraints import (
+    CATALOGUE_VERSION,
+    TRAINED_FAMILIES,
+    build_instruction,
+    check,
+    check_all,
+    compatible,
+    count_sentences,
+    from_record,
+    get_family,
+    normalize_text,
+    resolve_families,
+    rewrite_all,
+    sample_constraint,
+    to_record,
+)
+from .exit_codes import BadInputError
+
+__all__ = ["FamilyNames", "family_names", "selected_for_constraints", "pair_rng", "ConstrainedPair", "constrain_pair",
+           "recheck", "constraint_summary", "constrain_accepted", "CONSTRAINT_COUNT_WEIGHTS"]
+
+# How many constraints a chosen pair gets: one most often, three least (three rules on one short
+# answer rarely fit together, and the rewrites of many would leave little of the model's text).
+CONSTRAINT_COUNT_WEIGHTS = {1: 5, 2: 3, 3: 2}
+# The parameter that says how many units (sentences, paragraphs, items) a structure family asks for.
+_UNIT_COUNTS = ("num_sentences", "num_paragraphs", "num_bullets", "num_items")
+
+
+@dataclass(frozen=True)
+class FamilyNames:
+    """A comma-separated list of trained constraint families, as a flag (argparse `type=`) and as a
+    value read back from a manifest (`problem`); unknown or held-out names are refused, named."""
+
+    kind: type = list
+    metavar: str = "NAMES"
+
+    def __call__(self, text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        if not names:
+            raise argparse.ArgumentTypeError("expected one or more constraint family names, comma-separated")
+        try:
+            return list(resolve_families(names, split="train"))
+        except BadInputError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    def problem(self, value) -> str | None:
+        if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+            return f"got {value!r}, expected a list of trained constraint family names"
+        try:
+            resolve_families(value, split="train")
+        except BadInputError as err:
+            return str(err)
+        return None
+
+    def describe(self) -> str:
+        return f"comma-separated trained families ({', '.join(TRAINED_FAMILIES)})"
+
+
+family_names = FamilyNames()
+
+
+def _unit_interval(text: str) -> float:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+
+
+def selected_for_constraints(seed: int, key: str, fraction: float) -> bool:
+    """Whether the pair `key` of the run seeded `seed` is relabeled: a hash below `fraction`."""
+    return _unit_interval(f"constraints:{seed}:{key}") < fraction
+
+
+def pair_rng(seed: int, key: str) -> random.Random:
+    """The draws for one pair (how many constraints, which families, parameters, wordings)."""
+    return random.Random(f"constraints:{seed}:{key}:draws")
+
+
+@dataclass(frozen=True)
+class ConstrainedPair:
+    instruction: str
+    response: str
+    constraints: list[dict]  # to_record form, repeat_request bound to its request
+    modes: list[str]  # per constraint: "measured" (the response already satisfied it) or "rewritten"
+    mode: str  # "rewritten" when the response was changed, else "measured"
+
+
+def constrain_pair(task: str, response: str, families, rng: random.Random) -> ConstrainedPair | None:
+    """One to three compatible constraints for this pair, or None when none fits (a response with
+    too little material for any rewrite and no measurable property). Families are tried in a
+    seeded order; for each, either measured or rewritten parameters first (a seeded coin), then the
+    other. A structure is rewritten only where the response has a sentence for every unit."""
+    original = normalize_text(response).strip()
+    wanted = rng.choices(list(CONSTRAINT_COUNT_WEIGHTS), weights=list(CONSTRAINT_COUNT_WEIGHTS.values()))[0]
+    order = list(families)
+    rng.shuffle(order)
+    chosen, result = [], None
+    for name in order:
+        if len(chosen) == wanted:
+            break
+        if not compatible(*(c.family for c in chosen), name):
+            continue
+        family = get_family(name)
+        attempts = ["measured", "rewritten"] if rng.random() < 0.5 else ["rewritten", "measured"]
+        for attempt in attempts:
+            if attempt == "measured" and "request" in family.params:
+                continue  # an answer never starts with its own request: only a rewrite can satisfy it
+            if attempt == "rewritten" and family.rewrite is None:
+                continue
+            constraint = sample_constraint(name, rng, response=original if attempt == "measured" else None)
+            if constraint is None or (attempt == "rewritten" and _cuts_sentences(constraint, original)):
+                continue
+            instruction, bound = build_instruction(task, chosen + [constraint])
+            text = rewrite_all(bound, original)
+            if text is not None:
+                chosen.append(constraint)
+                result = (instruction, text, bound)
+                break
+    if result is None:
+        return None
+    instruction, text, bound = result
+    modes = ["measured" if check(c, original).passed else "rewritten" for c in bound]
+    return ConstrainedPair(instruction=instruction, response=text.strip(), constraints=[to_record(c) for c in bound],
+                           modes=modes, mode="rewritten" if text.strip() != original else "measured")
+
+
+def _cuts_sentences(constraint, response: str) -> bool:
+    """Whether rewriting to this structure needs more units than the response has sentences: the
+    catalogue's rewrite would then cut sentences in two ("Red shirts." / "Are more."), which would
+    teach broken sentences. Regrouping whole sentences is fine."""
+    wanted = [constraint.params[key] for key in _UNIT_COUNTS if key in constraint.params]
+    return bool(wanted) and count_sentences(response) < wanted[0]
+
+
+def recheck(constraints: list[dict], response: str) -> list[dict]:
+    """Every checker's verdict on the response, from the stored (record) form of the constraints."""
+    return [result._asdict() for result in check_all([from_record(c) for c in constraints], response)]
+
+
+def constraint_summary(records: list[dict]) -> dict:
+    """QC of the constrained records among `records` (final pairs): the constrained fraction, the
+    checker pass rate recomputed from the stored constraints (a record whose constraints cannot be
+    read counts as failed), per-family and per-mode counts, and the catalogue version."""
+    constrained = [r for r in records if r.get("constraints")]
+    failed = []
+    for record in constrained:
+        try:
+            passed = all(result["passed"] for result in recheck(record["constraints"], record["response"]))
+        except (BadInputError, KeyError, TypeError):
+            passed = False
+        if not passed:
+            failed.append(record["id"])
+    n = len(constrained)
+    return {
+        "catalogue_version": CATALOGUE_VERSION,
+        "records": len(records),
+        "constrained": n,
+        "constrained_fraction": round(n / len(records), 4) if records else None,
+        "checker_pass_rate": (n - len(failed)) / n if n else None,
+        "failed_ids": failed[:20],
+        "per_family": dict(sorted(Counter(c["family"] for r in constrained for c in r["constraints"]
+                                          if isinstance(c, dict) and "family" in c).items())),
+        "modes": dict(sorted(Counter(r.get("constraint_mode") for r in constrained).items(), key=lambda kv: str(kv[0]))),
+        "constraints_per_record": dict(sorted(Counter(len(r["constraints"]) for r in constrained).items())),
+    }
+
+
+def constrain_accepted(files: dict, keys, config, tokenizer) -> None:
+    """Phase 5: relabel the chosen accepted judged pairs of `keys` not relabeled yet, one record
+    each in files["constrained"] (a chosen pair that no constraint fits is recorded with none)."""
+    from .completion_prompts import CompletionStylePrompts
+    from .prompt_guards import encode_continuation
+    from .records import ConstrainedPairRecord, unique_by_id
+
+    wanted = set(keys)
+    judged = sorted(unique_by_id(files["judged"].records), key=lambda r: r["id"])
+    for record in judged:
+        key = record["id"]
+        if (key not in wanted or not record["accepted"] or key in files["constrained"]
+                or not selected_for_constraints(config.seed, key, config.constraint_fraction)):
+            continue
+        relabeled = constrain_pair(record["instruction"], record["response"], config.constraint_families, pair_rng(config.seed, key))
+        if relabeled is None:
+            instruction, response, constraints, checks, modes, mode = record["instruction"], record["response"], [], [], [], None
+        else:
+            instruction, response, constraints = relabeled.instruction, relabeled.response, relabeled.constraints
+            checks, modes, mode = recheck(constraints, response), relabeled.modes, relabeled.mode
+            failed = [c for c in checks if not c["passed"]]
+            if failed:  # rewrite_all promised a passing text: a catalogue or relabeling bug, never a record
+                raise RuntimeError(f"constrained pair {key} fails its own checker(s) {failed}: instruction {instruction!r}, "
+                                   f"response {response!r}")
+        n_tokens = len(encode_continuation(tokenizer, CompletionStylePrompts.format_completion(response))) if response else 0
+        files["constrained"].append(ConstrainedPairRecord(
+            id=key, round=record["round"], instruction=instruction, response=response, n_response_tokens=n_tokens,
+            original_instruction=record["instruction"], original_response=record["response"], constraints=constraints,
+            constraint_checks=checks, constraint_mode=mode, constraint_modes=modes).to_dict())

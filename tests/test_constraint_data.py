@@ -1,0 +1,167 @@
+"""Constraint data in Stage 1: accepted pairs relabeled with trained-family constraints, correct by
+construction and checked again, chosen deterministically by seed and id."""
+
+import random
+from types import SimpleNamespace
+
+import pytest
+
+RESPONSES = [
+    "Rivers carry water from hills to the sea. They shape valleys over thousands of years. Many towns grew beside them.",
+    "1. Apples\n2. Pears\n3. Plums",
+    "Exercise keeps the heart strong, and it lifts the mood.\n\nIt also helps people sleep better at night.",
+    "Tokyo",
+    "The moon circles the earth about once a month, and its light is reflected sunlight.",
+]
+
+
+def test_selection_is_a_seeded_hash_of_the_id():
+    from utils.constraint_data import selected_for_constraints
+
+    keys = [f"s{s:03d}-r00-{i:05d}" for s in range(3) for i in range(400)]
+    chosen = [k for k in keys if selected_for_constraints(42, k, 0.3)]
+    assert 0.25 < len(chosen) / len(keys) < 0.35
+    assert chosen == [k for k in reversed(keys) if selected_for_constraints(42, k, 0.3)][::-1]  # order does not matter
+    assert chosen != [k for k in keys if selected_for_constraints(43, k, 0.3)]
+    assert not any(selected_for_constraints(42, k, 0.0) for k in keys) and all(selected_for_constraints(42, k, 1.0) for k in keys)
+
+
+def test_relabeled_pairs_pass_every_checker_and_use_training_wordings_only():
+    from utils.constraint_data import constrain_pair, recheck
+    from utils.constraints import HELD_OUT_FAMILIES, TRAINED_FAMILIES, normalize_text
+
+    modes, families, counts = set(), set(), set()
+    for seed in range(200):
+        task, response = f"Describe thing number {seed}.", RESPONSES[seed % len(RESPONSES)]
+        result = constrain_pair(task, response, TRAINED_FAMILIES, random.Random(seed))
+        if result is None:
+            continue
+        assert all(check["passed"] for check in recheck(result.constraints, result.response))
+        assert result.instruction.startswith(task) and all(c["text"] in result.instruction for c in result.constraints)
+        assert all(".train" in c["wording_id"] for c in result.constraints)
+        assert not {c["family"] for c in result.constraints} & set(HELD_OUT_FAMILIES)
+        assert result.mode == ("measured" if result.response == normalize_text(response).strip() else "rewritten")
+        assert len(result.modes) == len(result.constraints) and set(result.modes) <= {"measured", "rewritten"}
+        modes.add(result.mode)
+        families |= {c["family"] for c in result.constraints}
+        counts.add(len(result.constraints))
+    assert modes == {"measured", "rewritten"} and counts == {1, 2, 3} and len(families) >= 12
+
+
+def test_relabeling_is_deterministic_and_keeps_to_the_families_asked_for():
+    from utils.constraint_data import constrain_pair
+
+    first = constrain_pair("Name some fruit.", RESPONSES[1], ["numbered_items", "lowercase"], random.Random(5))
+    again = constrain_pair("Name some fruit.", RESPONSES[1], ["numbered_items", "lowercase"], random.Random(5))
+    assert first == again and {c["family"] for c in first.constraints} <= {"numbered_items", "lowercase"}
+    nothing = constrain_pair("Say it.", "Ok", ["words_min"], random.Random(1))
+    assert nothing is None  # a two-word answer satisfies no word minimum of the grid, and the family has no rewrite
+
+
+def test_a_structure_is_never_rewritten_by_cutting_sentences():
+    """The catalogue's rewrite splits sentences when a response has fewer than the units asked for
+    ("Red shirts." / "Are more." / "Colorful than." / "Blue ones." was seen on the bundled model)."""
+    from utils.constraint_data import constrain_pair
+    from utils.constraints import count_sentences
+
+    structures = ["sentences_exact", "paragraphs", "bullet_items", "numbered_items"]
+    one_sentence = "Red shirts are more colorful than blue ones."
+    for seed in range(60):
+        result = constrain_pair("Compare shirts.", one_sentence, structures, random.Random(seed))
+        assert result is None or result.mode == "measured", result  # only "exactly one sentence" fits as it is
+    for seed in range(60):
+        result = constrain_pair("Talk about rivers.", RESPONSES[0], structures, random.Random(seed))
+        if result is not None and result.mode == "rewritten":
+            assert count_sentences(result.response) <= count_sentences(RESPONSES[0])
+
+
+def test_family_flag_refuses_unknown_and_held_out_names():
+    import argparse
+
+    from utils.constraint_data import family_names
+
+    assert family_names("words_max, lowercase") == ["words_max", "lowercase"]
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown constraint family 'nope'"):
+        family_names("words_max,nope")
+    with pytest.raises(argparse.ArgumentTypeError, match="'words_range' is held out of training"):
+        family_names("words_range")
+    assert "held out" in family_names.problem(["capital_words"]) and family_names.problem(["title"]) is None
+
+
+def test_constraint_summary_recomputes_the_checker_pass_rate():
+    from utils.constraint_data import constraint_summary
+    from utils.constraints import CATALOGUE_VERSION, sample_constraint, to_record
+
+    lower = to_record(sample_constraint("lowercase", random.Random(0)))
+    records = [{"id": "a", "response": "all lower here.", "constraints": [lower], "constraint_mode": "rewritten"},
+               {"id": "b", "response": "Not Lower.", "constraints": [lower], "constraint_mode": "measured"},  # edited by hand
+               {"id": "c", "response": "x", "constraints": [{"family": "nope"}], "constraint_mode": "measured"},  # unreadable
+               {"id": "d", "response": "plain", "constraints": [], "constraint_mode": None}]
+    summary = constraint_summary(records)
+    assert summary["catalogue_version"] == CATALOGUE_VERSION
+    assert (summary["constrained"], summary["records"], summary["constrained_fraction"]) == (3, 4, 0.75)
+    assert summary["checker_pass_rate"] == pytest.approx(1 / 3) and summary["failed_ids"] == ["b", "c"]
+    assert summary["per_family"] == {"lowercase": 2, "nope": 1}
+    assert constraint_summary(records[3:])["checker_pass_rate"] is None
+
+
+class _Appender(list):
+    """Enough of JsonlAppender for the phase: records, membership by id, append."""
+
+    @property
+    def records(self):
+        return list(self)
+
+    def __contains__(self, key):
+        return any(r["id"] == key for r in self)
+
+    def append(self, record):
+        super().append(record)
+
+
+def _judged(key, response, accepted=True):
+    return {"id": key, "round": 0, "instruction": "Describe rivers.", "response": response, "accepted": accepted}
+
+
+def test_the_phase_writes_one_checked_record_per_chosen_pair(tiny_model_dir):
+    from utils.clean_model_loader import CleanModelLoader
+    from utils.constraint_data import constrain_accepted, recheck
+    from utils.constraints import TRAINED_FAMILIES
+    from utils.records import ConstrainedPairRecord, field_names
+
+    _, tokenizer, _ = CleanModelLoader(str(tiny_model_dir), run_sentinels=False).load()
+    config = SimpleNamespace(seed=3, constraint_fraction=1.0, constraint_families=list(TRAINED_FAMILIES))
+    files = {"judged": _Appender([_judged(f"r00-{i:05d}", RESPONSES[i % 5]) for i in range(6)] + [_judged("r00-00099", "x", False)]),
+             "constrained": _Appender()}
+    keys = [f"r00-{i:05d}" for i in range(6)] + ["r00-00099"]
+    constrain_accepted(files, keys, config, tokenizer)
+    assert [r["id"] for r in files["constrained"]] == keys[:6]  # the rejected pair is never relabeled
+    for record in files["constrained"]:
+        assert set(record) == set(field_names(ConstrainedPairRecord))
+        assert record["original_response"] in RESPONSES and record["original_instruction"] == "Describe rivers."
+        if record["constraints"]:
+            assert record["constraint_checks"] == recheck(record["constraints"], record["response"])
+            assert all(c["passed"] for c in record["constraint_checks"]) and record["n_response_tokens"] > 0
+    before = list(files["constrained"])
+    constrain_accepted(files, keys, config, tokenizer)  # a resumed run adds nothing
+    assert list(files["constrained"]) == before
+
+
+def test_a_relabeled_pair_that_fails_its_checker_is_a_bug_not_a_record(tiny_model_dir, monkeypatch):
+    import utils.constraint_data as constraint_data
+    from utils.clean_model_loader import CleanModelLoader
+    from utils.constraints import TRAINED_FAMILIES
+
+    _, tokenizer, _ = CleanModelLoader(str(tiny_model_dir), run_sentinels=False).load()
+    real = constraint_data.constrain_pair
+
+    def broken(*args, **kwargs):  # a relabeling whose response no longer satisfies its constraints
+        result = real(*args, **kwargs)
+        return result and constraint_data.ConstrainedPair(result.instruction, "", result.constraints, result.modes, result.mode)
+
+    monkeypatch.setattr(constraint_data, "constrain_pair", broken)
+    config = SimpleNamespace(seed=3, constraint_fraction=1.0, constraint_families=list(TRAINED_FAMILIES))
+    files = {"judged": _Appender([_judged("r00-00000", RESPONSES[0])]), "constrained": _Appender()}
+    with pytest.raises(RuntimeError, match="fails its own checker"):
+        constraint_data.constrain_accepted(files, ["r00-00000"], config, tokenizer)
+    assert list(files["constrained"]) == []
