@@ -163,16 +163,17 @@ class InstructionCritic:
         return [float(picked[r, keep - n:].sum()) for r, n in enumerate(lengths)]
 
     def _forward_logits(self, input_ids, mask, positions, keep: int):
-        run = lambda forward: forward(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                      logits_to_keep=keep).logits.float()
-        if self.forward is self.model:
-            return run(self.model)
-        try:
-            return run(self.forward)
-        except Exception as err:  # noqa: BLE001 - a compiler failure must not stop the scoring
-            report_compile_failure(err, "critic")
-            self.forward = self.model
-            return run(self.model)
+        return self._logits(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).float()
+
+    def _logits(self, **inputs):
+        """The model's logits, through the compiled forward where there is one."""
+        if self.forward is not self.model:
+            try:
+                return self.forward(**inputs).logits
+            except Exception as err:  # noqa: BLE001 - a compiler failure must not stop the scoring
+                report_compile_failure(err, "critic")
+                self.forward = self.model
+        return self.model(**inputs).logits
 
     # -- internals -------------------------------------------------------------------------
     def _judge(self, prompts: list[str], swapped_prompts: list[str] | None, threshold: float | None,
@@ -225,15 +226,7 @@ class InstructionCritic:
 
     def _last_logits(self, input_ids, mask):
         # Only the last position is needed: logits_to_keep=1 avoids a (batch, len, vocab) tensor.
-        run = lambda forward: forward(input_ids=input_ids, attention_mask=mask, logits_to_keep=1).logits[:, -1, :].float()
-        if self.forward is self.model:
-            return run(self.model)
-        try:
-            return run(self.forward)
-        except Exception as err:  # noqa: BLE001 - a compiler failure must not stop the scoring
-            report_compile_failure(err, "critic")
-            self.forward = self.model
-            return run(self.model)
+        return self._logits(input_ids=input_ids, attention_mask=mask, logits_to_keep=1)[:, -1, :].float()
 
     def _fit(self, ids: list[int], reserve: int = 0) -> list[int]:
         """Shorten from the front (after BOS), never the end: the answer slot must stay last, and

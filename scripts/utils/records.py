@@ -73,19 +73,9 @@ class ResponseRecord(_Record):
 
 
 @dataclass(frozen=True)
-class ScoredResponseRecord(_Record):
-    id: str
-    instruction_id: str
-    candidate_index: int
-    round: int
-    instruction: str
-    raw_response: str
-    response: str
-    was_cut: bool
-    finish_reason: str
-    n_generated_tokens: int
-    n_response_tokens: int
-    prompt_version: str
+class ScoredResponseRecord(ResponseRecord):
+    """A response record plus its scores: the same fields first, in the same order."""
+
     pair_critic: dict | None
     relevance: dict | None
     signals: dict
