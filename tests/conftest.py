@@ -60,6 +60,35 @@ def run_python_script(script, *args, env: dict | None = None, timeout: float | N
                           env=env, timeout=timeout)
 
 
+def run_main_in_process(main, parse_args, argv) -> tuple[int, str]:
+    """A script's main run in this process (saves a torch import per run): (exit code, stdout),
+    with an expected refusal turned into its exit code and printed as run_cli would."""
+    import contextlib
+    import io
+
+    from utils.exit_codes import Stage1Error
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            code = main(parse_args([str(arg) for arg in argv]))
+        except Stage1Error as err:
+            print(f"error: {err}")
+            code = err.exit_code
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests: training steps on a tiny model are faster without threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def read_jsonl_lines(path) -> list[dict]:
     """Records of a JSONL file, split on b"\\n" only (as utils.jsonl_io does: model text may hold U+2028)."""
     return [json.loads(line) for line in Path(path).read_bytes().split(b"\n") if line.strip()]

@@ -1,15 +1,13 @@
 """A pilot or shard folder belongs to one run: resumed only with the same settings and the same model
 (by content hashes, not by the name given), and claimed only once the model has loaded."""
 
-import contextlib
-import io
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from conftest import run_python_script
+from conftest import run_main_in_process, run_python_script
 from tiny_models import TRAINED_PIPELINE_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +71,6 @@ def test_a_failed_start_does_not_claim_the_folder(trained_model_dir, tmp_path, b
 
 def test_a_shard_resumed_with_other_weights_is_refused(trained_model_dir, tiny_model_dir, tmp_path):
     from generate_stage1_scale_data import main, parse_args
-    from utils.exit_codes import Stage1Error
 
     link = tmp_path / "cur"
     link.symlink_to(trained_model_dir, target_is_directory=True)
@@ -84,14 +81,7 @@ def test_a_shard_resumed_with_other_weights_is_refused(trained_model_dir, tiny_m
     def scale():
         argv = ["--pilot-manifest", str(tmp_path / "pilot" / "session_manifest.json"), "--output", str(tmp_path / "data.jsonl"),
                 "--count", "2", "--num-shards", "1", "--batch-size", "8", "--no-progress", "--no-merge", "--model", str(link)]
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            try:
-                code = main(parse_args(argv))
-            except Stage1Error as err:
-                print(f"error: {err}")
-                code = err.exit_code
-        return code, out.getvalue()
+        return run_main_in_process(main, parse_args, argv)
 
     code, out = scale()
     assert code == 0, out

@@ -1,8 +1,6 @@
 """Scale stage: the pilot gate, shard planning and seeds, the rank split, resume/skip, the merge
 (determinism, cross-shard dedup, QC recomputed), overrides, and torchrun with two CPU ranks."""
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -13,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import read_jsonl_lines as _lines
+from conftest import run_main_in_process
 from tiny_models import TRAINED_PIPELINE_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,18 +43,9 @@ def pilot_manifest(tmp_path_factory, trained_model_dir):
 def scale(pilot, output, *flags):
     """Run the script's main in this process (saves a torch import per run); (exit code, stdout)."""
     from generate_stage1_scale_data import main, parse_args
-    from utils.exit_codes import Stage1Error
 
-    argv = ["--pilot-manifest", str(pilot), "--output", str(output), "--count", "4", "--num-shards", "2",
-            "--batch-size", "8", "--no-progress", *map(str, flags)]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        try:
-            code = main(parse_args(argv))
-        except Stage1Error as err:
-            print(f"error: {err}")
-            code = err.exit_code
-    return code, out.getvalue()
+    return run_main_in_process(main, parse_args, ["--pilot-manifest", pilot, "--output", output, "--count", "4",
+                                                  "--num-shards", "2", "--batch-size", "8", "--no-progress", *flags])
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,8 @@ RUN = ["--quantization", "none", "--max-steps", "4", "--save-steps", "2", "--log
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here trains a tiny model."""
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,8 @@ FAST = ["--max-steps", "2", "--save-steps", "100", "--logging-steps", "1", "--gr
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here trains a tiny model."""
 
 
 def write_dataset(folder: Path, n: int = 10, passed: bool = True, records=None, vouch_for: Path | None = None) -> Path:

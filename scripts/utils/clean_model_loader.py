@@ -31,7 +31,7 @@ from typing import Any
 
 from .exit_codes import BadInputError
 from .prompt_guards import find_chat_control_ids, install_guard, is_chat_control_token
-from .provenance_helper import sha256_file, sha256_text
+from .provenance_helper import read_manifest, sha256_file, sha256_text
 from .sentinels import run_sentinels
 
 __all__ = [
@@ -84,12 +84,9 @@ def _is_gguf(path: Path) -> bool:
 
 def _read_json_object(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return read_manifest(path)  # not UTF-8, not JSON or not an object: BadInputError naming it
+    except OSError as err:
         raise BadInputError(f"{path}: not a readable JSON file ({_one_line(err)})") from None
-    if not isinstance(data, dict):
-        raise BadInputError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _check_model_folder(folder: Path, need_weights: bool) -> None:

@@ -35,7 +35,21 @@ from .prompt_guards import encode_prompt
 from .static_decode import StaticDecoder, supports_static_decode
 
 __all__ = ["SamplingParams", "GenerationResult", "GenerationEngine", "is_out_of_memory", "context_length",
-           "check_prompts_fit"]
+           "check_prompts_fit", "left_pad"]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, width: int | None = None):
+    """(input_ids, attention_mask) with every row right-aligned, so each one's last token (the next
+    token's slot, or a scored continuation's end) sits at the same last position."""
+    import torch
+
+    width = max(len(ids) for ids in sequences) if width is None else width
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention[row, width - len(ids):] = 1
+    return input_ids, attention
 
 
 @dataclass(frozen=True)
@@ -190,11 +204,7 @@ class GenerationEngine:
             padded = -(-width // self.width_multiple) * self.width_multiple
             if supports_static_decode(self.model, padded + params.max_new_tokens):
                 width = padded
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (_, ids) in enumerate(batch):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention[row, width - len(ids):] = 1
+        input_ids, attention = left_pad([ids for _, ids in batch], pad_id, width)
         device = self.model.device
         torch.manual_seed(_batch_seed(self.seed, batch[0][0]))
         if static:

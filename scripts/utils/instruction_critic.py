@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 from .completion_prompts import PROMPT_VERSIONS, CompletionStylePrompts
 from .exit_codes import BadInputError
+from .generation import left_pad
 from .prompt_guards import encode_continuation, encode_prompt
 from .static_decode import report_compile_failure
 
@@ -110,7 +111,6 @@ class InstructionCritic:
         model for the continuation's positions only, and a batch holds at most LOGIT_BUDGET logits.
         A prompt too long for the context loses its front (after BOS); the continuation is never cut.
         """
-        import torch
         from tqdm.auto import tqdm
 
         rows, lengths = [], []
@@ -131,12 +131,7 @@ class InstructionCritic:
             keep = lengths[order[start]]
             fits = max(1, min(self.batch_size, LOGIT_BUDGET // ((keep + 1) * vocab)))
             batch = order[start:start + fits]
-            width = max(len(rows[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                input_ids[r, width - len(rows[i]):] = torch.tensor(rows[i])
-                attention[r, width - len(rows[i]):] = 1
+            input_ids, attention = left_pad([rows[i] for i in batch], pad_id)
             if keep:
                 sums = self._continuation_sums(input_ids, attention, keep, [lengths[i] for i in batch])
             else:
@@ -209,12 +204,7 @@ class InstructionCritic:
         pad_id = self.tokenizer.pad_token_id
         for start in tqdm(range(0, len(order), self.batch_size), desc="critic", disable=not self.show_progress):
             rows = order[start:start + self.batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                input_ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                attention[r, width - len(encoded[i]):] = 1
+            input_ids, attention = left_pad([encoded[i] for i in rows], pad_id)
             # Without padding no mask is passed, so SDPA can take its causal flash kernel.
             mask = None if bool(attention.all()) else attention.to(self.model.device)
             with torch.inference_mode():

@@ -57,7 +57,7 @@ from .generation import GenerationEngine, SamplingParams
 from .instruction_critic import InstructionCritic
 from .jsonl_io import JsonlAppender, check_output_file
 from .prompt_guards import contains_chat_marker, encode_continuation
-from .provenance_helper import MODEL_IDENTITY_KEYS, model_identity, same_model
+from .provenance_helper import MODEL_IDENTITY_KEYS, model_identity, read_manifest, same_model
 from .qc import QC_THRESHOLD_RANGES, QC_THRESHOLDS, compute_qc
 from .records import CandidateRecord, InstructionRecord, ResponseRecord, SFTExampleRecord, unique_by_id
 from .response_selection import CriticSignals, candidate_key, judge_instructions, measure_signals, score_candidates
@@ -348,11 +348,9 @@ def check_run_identity(folder: Path, identity: dict) -> bool:
     if not path.exists():
         return False
     try:
-        existing = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadInputError(f"{path}: unreadable ({err}); use a new --output") from None
-    if not isinstance(existing, dict):
-        raise BadInputError(f"{path}: expected a JSON object; use a new --output")
+        existing = read_manifest(path)
+    except (OSError, BadInputError) as err:
+        raise BadInputError(f"{path} is unreadable ({err}); use a new --output") from None
     new = json.loads(json.dumps(identity))
     differences = []
     for key, value in new.items():
