@@ -146,7 +146,7 @@ def _held_out_index(test_set: Path | None, config):
     from utils.evaluation import load_test_records
 
     index = OverlapIndex(load_test_records(test_set))
-    overlaps = demonstration_overlaps(index) if RESPONSE_TEMPLATES[config.response_template].demonstrations else []
+    overlaps = demonstration_overlaps(index, config.response_template) if RESPONSE_TEMPLATES[config.response_template].demonstrations else []
     if overlaps:
         shown = "; ".join(f"demonstration {o['demonstration']} ({o['demonstration_instruction']!r}) ~ test {o['test_id']!r} "
                           f"({o['kind']})" for o in overlaps)

@@ -165,3 +165,45 @@ def test_a_relabeled_pair_that_fails_its_checker_is_a_bug_not_a_record(tiny_mode
     with pytest.raises(RuntimeError, match="fails its own checker"):
         constraint_data.constrain_accepted(files, ["r00-00000"], config, tokenizer)
     assert list(files["constrained"]) == []
+
+
+def test_generated_constraints_are_seeded_by_id_and_rebuild_their_instruction():
+    from utils.constraint_data import generated_constraints
+    from utils.constraints import HELD_OUT_FAMILIES, TRAINED_FAMILIES, build_instruction, from_record
+
+    drawn = [generated_constraints(7, f"r00-{i:05d}", "Describe rivers.", TRAINED_FAMILIES) for i in range(40)]
+    assert drawn == [generated_constraints(7, f"r00-{i:05d}", "Describe rivers.", TRAINED_FAMILIES) for i in range(40)]
+    assert drawn != [generated_constraints(8, f"r00-{i:05d}", "Describe rivers.", TRAINED_FAMILIES) for i in range(40)]
+    families = {c["family"] for _, constraints in drawn for c in constraints}
+    assert families <= set(TRAINED_FAMILIES) and not families & set(HELD_OUT_FAMILIES) and len(families) > 8
+    assert {len(constraints) for _, constraints in drawn} == {1, 2}
+    for instruction, constraints in drawn:
+        assert instruction.startswith("Describe rivers. ")
+        assert build_instruction("Describe rivers.", [from_record(c) for c in constraints])[0] == instruction
+    only = generated_constraints(7, "r00-00000", "Describe rivers.", ["lowercase"])
+    assert [c["family"] for c in only[1]] == ["lowercase"]
+
+
+def test_a_generated_pair_is_recorded_as_it_was_written_and_never_relabeled(tiny_model_dir):
+    from utils.clean_model_loader import CleanModelLoader
+    from utils.constraint_data import constrain_accepted, generated_constraint_pass_rates, recheck
+    from utils.constraints import sample_constraint, to_record
+
+    _, tokenizer, _ = CleanModelLoader(str(tiny_model_dir), run_sentinels=False).load()
+    lower = to_record(sample_constraint("lowercase", random.Random(0)))
+    config = SimpleNamespace(seed=3, constraint_fraction=1.0, constraint_families=["uppercase"])
+    passing = {**_judged("r00-00000", "rivers run to the sea."), "instruction": "Describe rivers. " + lower["text"]}
+    files = {"judged": _Appender([passing]), "constrained": _Appender()}
+    constrain_accepted(files, ["r00-00000"], config, tokenizer, {"r00-00000": ("Describe rivers.", [lower])})
+    (record,) = files["constrained"]
+    assert record["constraint_mode"] == "generated" and record["constraint_modes"] == ["generated"]
+    assert record["response"] == record["original_response"] == "rivers run to the sea."  # not upper-cased by phase 5
+    assert record["original_instruction"] == "Describe rivers." and record["instruction"] == passing["instruction"]
+    assert record["constraint_checks"] == recheck([lower], record["response"]) and record["constraint_checks"][0]["passed"]
+    # A generated pair that misses its constraint got past the candidate filter: a bug, never a record.
+    failing = {**passing, "id": "r00-00001", "response": "Rivers run to the sea."}
+    files = {"judged": _Appender([failing]), "constrained": _Appender()}
+    with pytest.raises(RuntimeError, match="fails its own checker"):
+        constrain_accepted(files, ["r00-00001"], config, tokenizer, {"r00-00001": ("Describe rivers.", [lower])})
+    scored = [{"constraint_checks": recheck([lower], text)} for text in ("all lower.", "Not lower.", "fine too.")] + [{"constraint_checks": None}]
+    assert generated_constraint_pass_rates(scored) == {"candidates": {"lowercase": 3}, "passed": {"lowercase": 2}}

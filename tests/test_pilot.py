@@ -313,6 +313,33 @@ def test_near_duplicate_index():
 
 
 # -- the pilot end to end --------------------------------------------------------------------
+@pytest.mark.slow  # one round of a 3-pair pilot
+def test_answers_written_under_constraints_are_checked_end_to_end(trained_model_dir, tmp_path):
+    """--generated-constraint-fraction 1: every instruction is answered with constraints appended, each
+    candidate is checked, and one that misses is rejected for it (the tiny model misses them all)."""
+    from utils.constraint_data import generated_constraints
+
+    out = tmp_path / "pilot"
+    done = _run(["--model", trained_model_dir, "--count", 3, "--output", out, "--batch-size", 8, "--max-rounds", 1,
+                 *TINY, "--generated-constraint-fraction", 1])
+    assert done.returncode in (0, 4), done.stderr[-2000:]
+    manifest = json.loads((out / "session_manifest.json").read_text())
+    accepted = {r["id"]: r["instruction"] for r in _lines(out / "phase2_instructions.jsonl") if r["accepted"]}
+    scored = _lines(out / "phase4_scored_responses.jsonl")
+    assert accepted and len(scored) == len(accepted)
+    for record in scored:
+        instruction, constraints = generated_constraints(42, record["instruction_id"], accepted[record["instruction_id"]],
+                                                         manifest["config"]["constraint_families"])
+        assert record["instruction"] == instruction and len(record["constraint_checks"]) == len(constraints)
+        assert ("constraint_failed" in record["filter_reasons"]) == (not all(c["passed"] for c in record["constraint_checks"]))
+    counts = manifest["phase_counts"]
+    assert counts["generated_constraint_instructions"] == len(accepted)
+    assert sum(counts["generated_constraint_candidates"].values()) == sum(len(r["constraint_checks"]) for r in scored)
+    assert sum(counts["generated_constraint_passed"].values()) == sum(c["passed"] for r in scored for c in r["constraint_checks"])
+    final = _lines(out / "sft_data.jsonl")
+    assert all(r["constraint_mode"] == "generated" and all(c["passed"] for c in r["constraint_checks"]) for r in final)
+
+
 @pytest.mark.slow  # 69-86 s measured (two pilot runs)
 def test_pilot_end_to_end_exit_0_then_4(trained_model_dir, tmp_path):
     from utils.records import SFTExampleRecord, field_names
@@ -328,13 +355,13 @@ def test_pilot_end_to_end_exit_0_then_4(trained_model_dir, tmp_path):
     assert len(records) == 6 and len({r["id"] for r in records}) == 6
     for record in records:
         assert set(record) == set(field_names(SFTExampleRecord))
-        assert record["prompt_version"] == "response_v3" and record["round"] == int(record["id"][1:3])
+        assert record["prompt_version"] == "response_v4" and record["round"] == int(record["id"][1:3])
         assert record["pair_critic"]["prompt_version"] == "pair_critic_v1" and record["pair_critic"]["label_swap"] is True
         assert record["candidate_id"] == record["id"] + "-c0" and record["selection"]["candidates"] == 1
         assert record["relevance"]["relevance"] > 0 and record["relevance"]["n_tokens"] == record["n_response_tokens"] + 1 \
             or record["constraint_mode"] == "rewritten"  # the relabeled response is what n_response_tokens counts
     assert manifest["outputs"]["data"]["sha256"] and manifest["git_hash"] and manifest["outputs"]["probe"]["sha256"]
-    assert manifest["prompt_versions"]["response_generation"] == "response_v3" and manifest["prompt_versions"]["response"] == "response_v2"
+    assert manifest["prompt_versions"]["response_generation"] == "response_v4" and manifest["prompt_versions"]["response"] == "response_v2"
     assert manifest["critic_signals"]["source"] == "probe" and set(manifest["critic_signals"]["aucs"]) == {
         "ab_margin", "ab_margin_direct", "relevance", "relevance_total"}
     assert manifest["qc"]["critic_signals"] == manifest["critic_signals"]
@@ -470,5 +497,5 @@ def test_pilot_on_the_real_bundled_model(tmp_path):
     assert manifest["qc"]["counts"]["candidates"] == 24 and manifest["qc"]["passed"] == (result.returncode == 0)
     records = _lines(out / "sft_data.jsonl")
     assert len(records) <= 8 and all(r["response"] for r in records)
-    assert manifest["prompt_versions"]["response_generation"] == "response_v3" and "critic_signals" in manifest
+    assert manifest["prompt_versions"]["response_generation"] == "response_v4" and "critic_signals" in manifest
     assert manifest["outputs"]["data"]["sha256"]

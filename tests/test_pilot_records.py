@@ -81,6 +81,6 @@ def test_every_phase_writes_records_of_its_kind(pilot_folder):
             # The round is a stored field, the same one the id was made with.
             assert isinstance(record["round"], int) and record["id"].startswith(f"r{record['round']:02d}-")
     for record in read_jsonl_lines(pilot_folder / "phase3_responses.jsonl"):
-        assert record["prompt_version"] == "response_v3" and isinstance(record["was_cut"], bool)
+        assert record["prompt_version"] == "response_v4" and isinstance(record["was_cut"], bool)
         assert (record["n_response_tokens"] == 0) == (record["response"] == "")
         assert record["id"] == f"{record['instruction_id']}-c{record['candidate_index']}"

@@ -97,7 +97,7 @@ def test_pilot_config_layers_calibration_then_flags():
     gemma = CALIBRATIONS["gemma-3-270m"]
     config, overrides = pilot_config(parse_args(["--count", "7"]), gemma)
     assert (config.count, config.confidence_threshold, config.label_swap) == (7, 0.0, True)
-    assert config.qc_thresholds["token_limit_rate_max"] == 0.4 and config.qc_thresholds["median_response_tokens_max"] == 40
+    assert config.qc_thresholds["token_limit_rate_max"] == 0.4 and config.qc_thresholds["median_response_tokens_max"] == 80
     assert overrides == {}
     config, overrides = pilot_config(parse_args(["--confidence-threshold", "0.5", "--no-label-swap", "--qc-runaway-rate-max", "0.1"]),
                                      gemma)
@@ -235,15 +235,15 @@ def test_the_response_cap_follows_the_template_unless_given():
     from utils.stage1_generation import Stage1Config, pilot_config
 
     source = CALIBRATIONS["source"]
-    assert (Stage1Config().response_template, Stage1Config().response.max_new_tokens) == ("response_v3", 256)
+    assert (Stage1Config().response_template, Stage1Config().response.max_new_tokens) == ("response_v4", 256)
     config, overrides = pilot_config(parse_args(["--response-template", "response_v2"]), source)
     assert config.response.max_new_tokens == 80
-    assert overrides == {"response_template": {"from": "response_v3", "to": "response_v2"},
+    assert overrides == {"response_template": {"from": "response_v4", "to": "response_v2"},
                          "response_max_new_tokens": {"from": 256, "to": 80, "because": "--response-template"}}
     config, overrides = pilot_config(parse_args(["--response-template", "response_v2", "--response-max-new-tokens", "120"]), source)
     assert config.response.max_new_tokens == 120 and overrides["response_max_new_tokens"] == {"from": 256, "to": 120}
     config, overrides = pilot_config(parse_args(["--response-max-new-tokens", "64"]), source)
-    assert config.response_template == "response_v3" and config.response.max_new_tokens == 64
+    assert config.response_template == "response_v4" and config.response.max_new_tokens == 64
 
 
 def test_new_settings_parse_and_the_probe_threshold_is_the_pilots_alone(capsys):

@@ -1,44 +1,58 @@
-"""response_v3 (context distillation): demonstrations in the generation prompt, the bare prompt in training
+"""response_v3/v4 (context distillation): demonstrations in the generation prompt, the bare prompt in training
 and evaluation, the end marker as the end of an answer, and the demonstrations kept apart from the test set."""
 
 import pytest
 
-RESPONSE_V3_FINGERPRINT = "9254a7ef4184d280273254a22822c98ad8ca302909fc6270c600ea2602008768"
+FINGERPRINTS = {"response_v3": "9254a7ef4184d280273254a22822c98ad8ca302909fc6270c600ea2602008768",
+                "response_v4": "505fc903c10f4ed05cee772b6ff5e1062ac4994784de0aa762236b6afe718f38"}
+
+
+def _with_demonstrations(monkeypatch, prompts, demonstrations, template="response_v4"):
+    import dataclasses
+
+    templates = dict(prompts.RESPONSE_TEMPLATES)
+    templates[template] = dataclasses.replace(templates[template], demonstrations=tuple(demonstrations))
+    monkeypatch.setattr(prompts, "RESPONSE_TEMPLATES", templates)
 
 
 def test_the_demonstrations_are_versioned():
-    """Editing a demonstration changes the prompt every response_v3 record claims: it needs a new
-    template version (and this fingerprint updated with it)."""
-    from utils.completion_prompts import PROMPT_VERSIONS, RESPONSE_TEMPLATES, demonstrations_fingerprint
+    """Editing a demonstration changes the prompt every record of that template claims: it needs a new
+    template version (and a fingerprint here with it)."""
+    from utils.completion_prompts import DEFAULT_RESPONSE_TEMPLATE, PROMPT_VERSIONS, RESPONSE_TEMPLATES, demonstrations_fingerprint
 
-    assert demonstrations_fingerprint() == RESPONSE_V3_FINGERPRINT
-    assert RESPONSE_TEMPLATES["response_v3"].demonstrations and not RESPONSE_TEMPLATES["response_v2"].demonstrations
+    assert {name: demonstrations_fingerprint(name) for name in FINGERPRINTS} == FINGERPRINTS
+    assert demonstrations_fingerprint() == FINGERPRINTS[DEFAULT_RESPONSE_TEMPLATE]
+    assert set(RESPONSE_TEMPLATES) == {"response_v2", *FINGERPRINTS} and not RESPONSE_TEMPLATES["response_v2"].demonstrations
     assert PROMPT_VERSIONS["response"] == "response_v2"  # the bare prompt that training and evaluation use
 
 
-def test_demonstrations_are_varied_and_end_with_the_marker():
-    from utils.completion_prompts import RESPONSE_DEMONSTRATIONS, RESPONSE_END_MARKER
+@pytest.mark.parametrize("template", sorted(FINGERPRINTS))
+def test_demonstrations_are_varied_and_end_with_the_marker(template):
+    from utils.completion_prompts import RESPONSE_END_MARKER, RESPONSE_TEMPLATES
     from utils.completion_prompts import CompletionStylePrompts as P
 
-    responses = [r for _, r in RESPONSE_DEMONSTRATIONS]
+    demonstrations = RESPONSE_TEMPLATES[template].demonstrations
+    responses = [r for _, r in demonstrations]
     assert any(r.startswith("1. ") and "\n2. " in r for r in responses)  # numbered list
     assert any(r.startswith("- ") for r in responses)  # bullets
     assert any("\n\n" in r for r in responses)  # paragraphs
     assert any(r == r.lower() for r in responses)  # the lowercase rule
-    prefix = P.demonstration_prefix()
-    assert prefix.count(f"\n{RESPONSE_END_MARKER}\n\n") == len(RESPONSE_DEMONSTRATIONS)
-    prompt = P.create_generation_response_prompt("Name a fruit.", "response_v3")
+    prefix = P.demonstration_prefix(template)
+    assert prefix.count(f"\n{RESPONSE_END_MARKER}\n\n") == len(demonstrations)
+    prompt = P.create_generation_response_prompt("Name a fruit.", template)
     assert prompt == prefix + P.create_response_prompt("Name a fruit.")
     assert P.create_generation_response_prompt("Name a fruit.", "response_v2") == P.create_response_prompt("Name a fruit.")
 
 
 def test_the_prefix_stays_compact_on_the_bundled_tokenizer():
-    """About 320 tokens of gemma-3-270m (measured 321): every generated response pays for it on a CPU."""
+    """322 (v3) and 684 (v4) tokens of gemma-3-270m: every generated response attends over it, and a
+    prompt plus its 256 new tokens must stay in the model context with room to spare."""
     from utils.completion_prompts import CompletionStylePrompts as P
 
-    # Gemma's tokenizer averages 4.3 characters per token on this English prose; the character count
+    # Gemma's tokenizer averages 4.4 characters per token on this English prose; the character count
     # is the proxy a test can check without the 250 MB model.
-    assert len(P.demonstration_prefix()) <= 1400
+    assert len(P.demonstration_prefix("response_v3")) <= 1400
+    assert len(P.demonstration_prefix("response_v4")) <= 3100
 
 
 def test_stop_strings_and_cleaners_per_template():
@@ -103,9 +117,9 @@ def test_a_demonstration_with_a_chat_control_token_is_refused_naming_it(tiny_mod
     _, tokenizer, _ = CleanModelLoader(str(tiny_model_dir), run_sentinels=False).load()
     prompts.check_demonstrations(tokenizer)  # the real set is clean
     demos = list(prompts.RESPONSE_DEMONSTRATIONS)
-    demos[2] = (demos[2][0], "Sure <|im_start|> here is the answer.")
-    monkeypatch.setattr(prompts, "RESPONSE_DEMONSTRATIONS", tuple(demos))
-    with pytest.raises(BadInputError, match=r"response_v3 demonstration 3 \('Write two short paragraphs") as raised:
+    demos[3] = (demos[3][0], "Sure <|im_start|> here is the answer.")
+    _with_demonstrations(monkeypatch, prompts, demos)
+    with pytest.raises(BadInputError, match=r"response_v4 demonstration 4 \('Write two short paragraphs") as raised:
         prompts.check_demonstrations(tokenizer)
     assert raised.value.exit_code == EXIT_BAD_INPUT
 
@@ -117,7 +131,7 @@ def test_a_pilot_with_a_bad_demonstration_exits_2_before_claiming_its_folder(tin
 
     demos = list(prompts.RESPONSE_DEMONSTRATIONS)
     demos[0] = ("List three <start_of_turn> tools.", demos[0][1])
-    monkeypatch.setattr(prompts, "RESPONSE_DEMONSTRATIONS", tuple(demos))
+    _with_demonstrations(monkeypatch, prompts, demos)
     args = pilot.parse_args(["--model", str(tiny_model_dir), "--output", str(tmp_path / "pilot"), "--count", "1", "--no-progress"])
     with pytest.raises(BadInputError, match="demonstration 1"):
         pilot.main(args)
@@ -130,7 +144,8 @@ def test_no_test_set_instruction_overlaps_a_demonstration(count, seed):
     from utils.dedup import OverlapIndex
     from utils.test_set import build_test_set
 
-    assert demonstration_overlaps(OverlapIndex(build_test_set(count, seed))) == []
+    index = OverlapIndex(build_test_set(count, seed))
+    assert demonstration_overlaps(index, "response_v3") == [] and demonstration_overlaps(index, "response_v4") == []
 
 
 def test_a_demonstration_overlap_is_reported_by_each_rule():
@@ -142,5 +157,5 @@ def test_a_demonstration_overlap_is_reported_by_each_rule():
                           {"id": "gram", "instruction": "Please, give one tip for sleeping better. Start your answer with a verb."},
                           {"id": "other", "instruction": "What is the capital of Peru?"}])
     found = {(o["demonstration"], o["test_id"], o["kind"]) for o in demonstration_overlaps(index)}
-    assert (2, "exact", "exact") in found and (3, "near", "near") in found and (6, "gram", "ngram") in found
+    assert (2, "exact", "exact") in found and (4, "near", "near") in found and (7, "gram", "ngram") in found
     assert not [o for o in demonstration_overlaps(index) if o["test_id"] == "other"]

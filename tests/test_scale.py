@@ -374,7 +374,7 @@ def test_a_test_set_overlapping_a_demonstration_is_refused_before_any_shard(pilo
     test_set = tmp_path / "test.jsonl"
     test_set.write_text(json.dumps({"id": "t1", "instruction": RESPONSE_DEMONSTRATIONS[3][0]}) + "\n")
     code, out = scale(pilot_manifest, tmp_path / "d.jsonl", "--exclude-test-set", test_set)
-    assert code == 2 and "overlap the response_v3 demonstrations" in out and "demonstration 4" in out and "'t1' (exact)" in out
+    assert code == 2 and "overlap the response_v4 demonstrations" in out and "demonstration 4" in out and "'t1' (exact)" in out
     assert not (tmp_path / "d_shards").exists()
     # The bare template puts no demonstration in any prompt: the same test set is fine then.
     code, out = scale(pilot_manifest, tmp_path / "d.jsonl", "--exclude-test-set", test_set, "--response-template", "response_v2",

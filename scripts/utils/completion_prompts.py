@@ -7,8 +7,9 @@ answer slot the critic reads. This module is the only place those delimiters are
 Response templates (`RESPONSE_TEMPLATES`, chosen by `--response-template`):
 - `response_v2`: the bare `Instruction: X\nResponse:` block; the answer ends at the next block or
   at the first blank line. Training and evaluation always use this bare prompt (`create_response_prompt`).
-- `response_v3` (context distillation): a short header and a fixed set of hand-written demonstration
-  pairs (`RESPONSE_DEMONSTRATIONS`, each closed by `RESPONSE_END_MARKER` on its own line) before the
+- `response_v3`, `response_v4` (context distillation): a short header and a fixed set of hand-written
+  demonstration pairs (the template's `demonstrations`; `RESPONSE_DEMONSTRATIONS` is the default
+  template's set), each closed by `RESPONSE_END_MARKER` on its own line, before the
   same bare block. The model's answer ends where it would write the end marker, so lists and
   multi-paragraph answers survive; the adapter is trained on the bare prompt and so learns the
   demonstrated behaviour without the demonstrations. Changing a demonstration means a new version.
@@ -72,7 +73,7 @@ _PAIR_CRITIC_EXAMPLES = (
 # list, a one-line fact, two paragraphs, answers that obey a stated length, case, first word or last
 # word, and bullets, so the base model sees that an answer's form follows its instruction. Kept short:
 # the whole prefix is about 320 tokens of the bundled model, paid for every response generated.
-RESPONSE_DEMONSTRATIONS = (
+_DEMONSTRATIONS_V3 = (
     ("List three kitchen tools.",
      "1. A chef's knife\n2. A cutting board\n3. A frying pan"),
     ("At what temperature does water boil at sea level?",
@@ -91,6 +92,48 @@ RESPONSE_DEMONSTRATIONS = (
     ("Suggest three names for a small bakery, as a bulleted list.",
      "- The Morning Loaf\n- Crumb and Crust\n- Little Oven"),
 )
+
+# response_v4: the v3 set taught answers that were too short (median 15 tokens; an adapter trained on
+# them answered "explain ..." in one sentence). Here an explanation takes the three or four sentences
+# it needs, a fact comes with its reason, a tip with why it works, and a poem and a word limit join the
+# forms. Still hand-written for this project; 684 tokens of the bundled model (v3: 322).
+_DEMONSTRATIONS_V4 = (
+    ("List three kitchen tools.",
+     "1. A chef's knife\n2. A cutting board\n3. A frying pan"),
+    ("At what temperature does water boil at sea level?",
+     "Water boils at 100 degrees Celsius (212 degrees Fahrenheit) at sea level. Higher up, the air pressure is lower, "
+     "so water boils at a lower temperature."),
+    ("Explain why bread goes stale.",
+     "Bread goes stale mostly because of the starch inside it, not because it dries out. In fresh bread the starch holds "
+     "water in a soft, loose structure. Over a few days the starch molecules pack back into stiff crystals and squeeze "
+     "the water out, so the crumb turns firm and crumbly. Warming the bread in an oven loosens the starch again for a while."),
+    ("Write two short paragraphs about why people keep gardens.",
+     "Many people garden because growing food is satisfying. A few seeds can fill a kitchen with herbs."
+     "\n\nOthers garden for the calm it brings. Weeding and watering rest the mind."),
+    ("Describe a lighthouse in exactly two sentences.",
+     "A lighthouse is a tall tower on a rocky coast. Its bright lamp warns ships away from danger at night."),
+    ("Explain what a shadow is, using only lowercase letters.",
+     "a shadow is the dark area behind an object that blocks light. light travels in straight lines, so it cannot bend "
+     "around the object to reach the surface behind it. the shadow takes the outline of the object, and it grows longer "
+     "when the light comes from a low angle."),
+    ('Give one tip for sleeping better. Start your answer with the word "Try".',
+     "Try going to bed and getting up at the same time every day, weekends included. A steady schedule sets your body "
+     "clock, so you feel sleepy at night and alert in the morning."),
+    ("Write a four-line poem about a train at night.",
+     "The night train hums along the track,\nits windows gold against the black.\nIt carries dreams from town to town"
+     "\nand sings until the sun comes down."),
+    ("In under 25 words, say what a public library offers.",
+     "A public library lends books, films and music for free, and offers quiet study space, internet access and help "
+     "finding information."),
+    ('Write a sentence about autumn that ends with the word "leaves".',
+     "Every October the wind fills the streets with red and yellow leaves."),
+    ("Suggest three names for a small bakery, as a bulleted list.",
+     "- The Morning Loaf\n- Crumb and Crust\n- Little Oven"),
+    ("How does a bicycle pump work?",
+     "A bicycle pump pushes air from a cylinder into the tire. When you pull the handle up, a valve opens and outside air "
+     "fills the cylinder. When you push it down, that valve closes and the air is squeezed through the hose into the tire. "
+     "A second valve in the tire stops the air from flowing back out."),
+)
 RESPONSE_END_MARKER = "### END"
 _DEMONSTRATION_HEADER = f"Each response below does exactly what its instruction asks and ends with the line {RESPONSE_END_MARKER}."
 
@@ -101,16 +144,19 @@ class ResponseTemplate:
     the token cap that fits its longest expected answer (the default of --response-max-new-tokens)."""
 
     name: str
-    demonstrations: bool
+    demonstrations: tuple[tuple[str, str], ...]  # (instruction, response) pairs; empty: the bare block
     default_max_new_tokens: int
     description: str
 
 
 RESPONSE_TEMPLATES = {
-    "response_v2": ResponseTemplate("response_v2", False, 80, "the bare block; the answer ends at the next block or a blank line"),
-    "response_v3": ResponseTemplate("response_v3", True, 256, "demonstrations first; the answer ends at the end marker"),
+    "response_v2": ResponseTemplate("response_v2", (), 80, "the bare block; the answer ends at the next block or a blank line"),
+    "response_v3": ResponseTemplate("response_v3", _DEMONSTRATIONS_V3, 256, "8 short demonstrations first; the answer ends at the end marker"),
+    "response_v4": ResponseTemplate("response_v4", _DEMONSTRATIONS_V4, 256,
+                                    "12 demonstrations with full-length explanations first; the answer ends at the end marker"),
 }
-DEFAULT_RESPONSE_TEMPLATE = "response_v3"
+DEFAULT_RESPONSE_TEMPLATE = "response_v4"
+RESPONSE_DEMONSTRATIONS = RESPONSE_TEMPLATES[DEFAULT_RESPONSE_TEMPLATE].demonstrations
 
 PROMPT_VERSIONS = {
     "instruction_generation": "instruction_generation_v1",
@@ -135,30 +181,30 @@ def _template(name: str) -> ResponseTemplate:
     return RESPONSE_TEMPLATES[name]
 
 
-def demonstrations_fingerprint() -> str:
-    """sha256 of the demonstration prefix: a test ties it to the `response_v3` name, so an edited
-    demonstration cannot keep the old version."""
-    return hashlib.sha256(CompletionStylePrompts.demonstration_prefix().encode("utf-8")).hexdigest()
+def demonstrations_fingerprint(template: str = DEFAULT_RESPONSE_TEMPLATE) -> str:
+    """sha256 of the template's demonstration prefix: a test ties each to its version name, so an
+    edited demonstration cannot keep the old version."""
+    return hashlib.sha256(CompletionStylePrompts.demonstration_prefix(template).encode("utf-8")).hexdigest()
 
 
-def check_demonstrations(tokenizer) -> None:
+def check_demonstrations(tokenizer, template: str = DEFAULT_RESPONSE_TEMPLATE) -> None:
     """Refuse (BadInputError, exit 2, naming the demonstration) a demonstration that carries a chat
     marker or encodes to a chat-control token for this tokenizer; the prompt guard would refuse the
     whole prompt later, but without saying which demonstration is at fault."""
     from .prompt_guards import ContaminationError, encode_continuation
 
-    for number, (instruction, response) in enumerate(RESPONSE_DEMONSTRATIONS, start=1):
+    for number, (instruction, response) in enumerate(_template(template).demonstrations, start=1):
         try:
             encode_continuation(tokenizer, _demonstration_block(instruction, response))
         except ContaminationError as err:
-            raise BadInputError(f"response_v3 demonstration {number} ({instruction!r}) cannot enter a prompt: {err}") from None
+            raise BadInputError(f"{template} demonstration {number} ({instruction!r}) cannot enter a prompt: {err}") from None
 
 
-def demonstration_overlaps(overlap_index) -> list[dict]:
+def demonstration_overlaps(overlap_index, template: str = DEFAULT_RESPONSE_TEMPLATE) -> list[dict]:
     """Each (demonstration, test instruction) overlap by the held-out rule of `overlap_index`
     (a `dedup.OverlapIndex` of test instructions): exact, near or a shared 8-gram."""
     found = []
-    for number, (instruction, _) in enumerate(RESPONSE_DEMONSTRATIONS, start=1):
+    for number, (instruction, _) in enumerate(_template(template).demonstrations, start=1):
         for match in overlap_index.matches(instruction):
             found.append({"demonstration": number, "demonstration_instruction": instruction, "test_id": match["id"],
                           "kind": match["kind"]})
@@ -182,14 +228,15 @@ class CompletionStylePrompts:
         return f"{INSTRUCTION_DELIMITER} {instruction.strip()}\n{RESPONSE_DELIMITER}"
 
     @staticmethod
-    def demonstration_prefix() -> str:
-        """The header and every demonstration block of response_v3, each closed by the end marker."""
-        return f"{_DEMONSTRATION_HEADER}\n\n" + "".join(_demonstration_block(i, r) for i, r in RESPONSE_DEMONSTRATIONS)
+    def demonstration_prefix(template: str = DEFAULT_RESPONSE_TEMPLATE) -> str:
+        """The header and every demonstration block of `template`, each closed by the end marker."""
+        blocks = "".join(_demonstration_block(i, r) for i, r in _template(template).demonstrations)
+        return f"{_DEMONSTRATION_HEADER}\n\n" + blocks
 
     @classmethod
     def create_generation_response_prompt(cls, instruction: str, template: str = DEFAULT_RESPONSE_TEMPLATE) -> str:
         """The prompt a training response is generated from under `template`."""
-        prefix = cls.demonstration_prefix() if _template(template).demonstrations else ""
+        prefix = cls.demonstration_prefix(template) if _template(template).demonstrations else ""
         return prefix + cls.create_response_prompt(instruction)
 
     @staticmethod

@@ -8,6 +8,11 @@ lower-cased, given a title, ...). The constraint texts are appended to the instr
 their training wordings (`constraints.build_instruction`), and the pair is checked again by every
 checker before it is written: a failing pair is a bug (RuntimeError, exit 1), never a kept record.
 
+Before that, another seeded fraction of the accepted instructions (`generated_constraint_fraction`)
+is answered under constraints: the model writes its candidates to the constrained instruction (the
+demonstrations show answers that obey such rules), the checkers reject every candidate that misses
+one (`response_selection.filter_reasons`), and the pair is kept as generated (mode "generated").
+
 Which pairs are chosen, and everything drawn for them, depends only on the run's seed and the
 pair's id (a hash, not a position), so a resumed run or another shard layout chooses the same.
 
@@ -42,11 +47,15 @@ from .constraints import (
 from .exit_codes import BadInputError
 
 __all__ = ["FamilyNames", "family_names", "selected_for_constraints", "pair_rng", "ConstrainedPair", "constrain_pair",
-           "recheck", "constraint_summary", "constrain_accepted", "CONSTRAINT_COUNT_WEIGHTS"]
+           "recheck", "constraint_summary", "constrain_accepted", "CONSTRAINT_COUNT_WEIGHTS", "GENERATED_COUNT_WEIGHTS",
+           "generated_constraints", "generated_constraint_pass_rates"]
 
 # How many constraints a chosen pair gets: one most often, three least (three rules on one short
 # answer rarely fit together, and the rewrites of many would leave little of the model's text).
 CONSTRAINT_COUNT_WEIGHTS = {1: 5, 2: 3, 3: 2}
+# How many constraints an instruction gets when the model writes the answer under them itself: it
+# must satisfy every one unaided (the checkers reject a candidate that misses any), so one most often.
+GENERATED_COUNT_WEIGHTS = {1: 3, 2: 1}
 # The parameter that says how many units (sentences, paragraphs, items) a structure family asks for.
 _UNIT_COUNTS = ("num_sentences", "num_paragraphs", "num_bullets", "num_items")
 
@@ -146,6 +155,41 @@ def constrain_pair(task: str, response: str, families, rng: random.Random) -> Co
                            modes=modes, mode="rewritten" if text.strip() != original else "measured")
 
 
+def generated_constraints(seed: int, key: str, task: str, families) -> tuple[str, list[dict]] | None:
+    """The constrained instruction and its constraints (record form) for an answer not written yet
+    (verifier-filtered generation: the model answers the constrained instruction and the checkers
+    reject the candidates that miss). Fresh parameters, no response to measure; drawn from the seed
+    and the instruction's id only, so a resumed run or a later phase recomputes the same."""
+    rng = random.Random(f"generated-constraints:{seed}:{key}")
+    wanted = rng.choices(list(GENERATED_COUNT_WEIGHTS), weights=list(GENERATED_COUNT_WEIGHTS.values()))[0]
+    order = list(families)
+    rng.shuffle(order)
+    chosen = []
+    for name in order:
+        if len(chosen) == wanted:
+            break
+        if compatible(*(c.family for c in chosen), name):
+            constraint = sample_constraint(name, rng)
+            if constraint is not None:
+                chosen.append(constraint)
+    if not chosen:
+        return None
+    instruction, bound = build_instruction(task, chosen)
+    return instruction, [to_record(c) for c in bound]
+
+
+def generated_constraint_pass_rates(scored: list[dict]) -> dict:
+    """Per family: how many scored candidates were written under that constraint (`candidates`) and how
+    many of them passed its checker (`passed`): what the model manages unaided. Flat counts, so the
+    scale stage adds its shards' up."""
+    candidates, passed = Counter(), Counter()
+    for record in scored:
+        for result in record.get("constraint_checks") or []:
+            candidates[result["family"]] += 1
+            passed[result["family"]] += bool(result["passed"])
+    return {"candidates": dict(sorted(candidates.items())), "passed": {family: passed[family] for family in sorted(candidates)}}
+
+
 def _cuts_sentences(constraint, response: str) -> bool:
     """Whether rewriting to this structure needs more units than the response has sentences: the
     catalogue's rewrite would then cut sentences in two ("Red shirts." / "Are more."), which would
@@ -187,32 +231,41 @@ def constraint_summary(records: list[dict]) -> dict:
     }
 
 
-def constrain_accepted(files: dict, keys, config, tokenizer) -> None:
+def constrain_accepted(files: dict, keys, config, tokenizer, generated: dict | None = None) -> None:
     """Phase 5: relabel the chosen accepted judged pairs of `keys` not relabeled yet, one record
-    each in files["constrained"] (a chosen pair that no constraint fits is recorded with none)."""
+    each in files["constrained"] (a chosen pair that no constraint fits is recorded with none).
+    `generated` maps an instruction id whose answers were written under constraints to (its task
+    before them, the constraints): such a pair is recorded as it is, mode "generated", never relabeled."""
     from .completion_prompts import CompletionStylePrompts
     from .prompt_guards import encode_continuation
     from .records import ConstrainedPairRecord, unique_by_id
 
-    wanted = set(keys)
+    wanted, generated = set(keys), generated or {}
     judged = sorted(unique_by_id(files["judged"].records), key=lambda r: r["id"])
     for record in judged:
         key = record["id"]
-        if (key not in wanted or not record["accepted"] or key in files["constrained"]
-                or not selected_for_constraints(config.seed, key, config.constraint_fraction)):
+        if key not in wanted or not record["accepted"] or key in files["constrained"]:
             continue
-        relabeled = constrain_pair(record["instruction"], record["response"], config.constraint_families, pair_rng(config.seed, key))
+        if key in generated:
+            task, constraints = generated[key]
+            relabeled = ConstrainedPair(record["instruction"], record["response"], constraints, ["generated"] * len(constraints),
+                                        "generated")
+        elif selected_for_constraints(config.seed, key, config.constraint_fraction):
+            relabeled = constrain_pair(record["instruction"], record["response"], config.constraint_families, pair_rng(config.seed, key))
+            task = record["instruction"]
+        else:
+            continue
         if relabeled is None:
             instruction, response, constraints, checks, modes, mode = record["instruction"], record["response"], [], [], [], None
         else:
             instruction, response, constraints = relabeled.instruction, relabeled.response, relabeled.constraints
             checks, modes, mode = recheck(constraints, response), relabeled.modes, relabeled.mode
             failed = [c for c in checks if not c["passed"]]
-            if failed:  # rewrite_all promised a passing text: a catalogue or relabeling bug, never a record
+            if failed:  # the rewrite or the candidate filter promised a passing text: a bug, never a record
                 raise RuntimeError(f"constrained pair {key} fails its own checker(s) {failed}: instruction {instruction!r}, "
                                    f"response {response!r}")
         n_tokens = len(encode_continuation(tokenizer, CompletionStylePrompts.format_completion(response))) if response else 0
         files["constrained"].append(ConstrainedPairRecord(
             id=key, round=record["round"], instruction=instruction, response=response, n_response_tokens=n_tokens,
-            original_instruction=record["instruction"], original_response=record["response"], constraints=constraints,
+            original_instruction=task, original_response=record["response"], constraints=constraints,
             constraint_checks=checks, constraint_mode=mode, constraint_modes=modes).to_dict())

@@ -132,7 +132,7 @@ def _records(appender) -> list[dict]:
 def score_candidates(critic, files: dict, instruction_keys, config, constraints_by_instruction: dict | None = None) -> None:
     """Score every response candidate of `instruction_keys` not scored yet (files["responses"] ->
     files["scored"]). `constraints_by_instruction` maps an instruction id to the constraints (record
-    form) its answers must satisfy; Stage 1's generated instructions carry none."""
+    form) its answers must satisfy (the instructions answered under constraints)."""
     from .constraint_data import recheck
 
     wanted = set(instruction_keys)

@@ -29,6 +29,7 @@ or `--dtype` leaves nothing that would refuse the corrected rerun.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -48,7 +49,14 @@ from .completion_prompts import (
     check_demonstrations,
     demonstrations_fingerprint,
 )
-from .constraint_data import constrain_accepted, constraint_summary, family_names
+from .constraint_data import (
+    constrain_accepted,
+    constraint_summary,
+    family_names,
+    generated_constraint_pass_rates,
+    generated_constraints,
+    selected_for_constraints,
+)
 from .constraints import CATALOGUE_VERSION, TRAINED_FAMILIES
 from .critic_probe import DEFAULT_MIN_AUC
 from .dedup import NearDuplicateIndex
@@ -103,6 +111,7 @@ class Stage1Config:
     relevance_min: float = 0.0
     min_signal_auc: float = DEFAULT_MIN_AUC
     constraint_fraction: float = 0.3
+    generated_constraint_fraction: float = 0.3
     constraint_families: list = field(default_factory=lambda: list(TRAINED_FAMILIES))
     num_examples: int = 5
     min_words: int = 3
@@ -149,8 +158,9 @@ TUNABLE_SETTINGS = (
     *(Setting((part, name), allowed, f"{text} of {part}s") for part in ("instruction", "response")
       for name, (allowed, text) in _SAMPLING_SETTINGS.items()),
     Setting(("response_template",), tuple(RESPONSE_TEMPLATES),
-            "how responses are generated: response_v3 puts hand-written demonstrations before the instruction (its answer "
-            "ends at an end marker; lists and paragraphs survive), response_v2 is the bare prompt cut at a blank line; "
+            "how responses are generated: response_v4 (and the shorter response_v3) put hand-written demonstrations "
+            "before the instruction (its answer ends at an end marker; lists and paragraphs survive), response_v2 is "
+            "the bare prompt cut at a blank line; "
             "training and evaluation always use the bare prompt; changes the response token cap to the template's "
             "unless --response-max-new-tokens is given"),
     Setting(("num_candidates",), positive_int, "responses sampled per instruction; the best passing one is kept, all are saved"),
@@ -161,6 +171,9 @@ TUNABLE_SETTINGS = (
                                                  "exceed, where relevance is a trusted signal"),
     Setting(("min_signal_auc",), probability, "probe ROC AUC a critic signal needs to accept or rank pairs", pilot_only=True),
     Setting(("constraint_fraction",), probability, "fraction of accepted pairs relabeled with verifiable constraints"),
+    Setting(("generated_constraint_fraction",), probability,
+            "fraction of accepted instructions answered under sampled constraints (candidates that fail a checker are "
+            "rejected; the rest are relabeled at --constraint-fraction)"),
     Setting(("constraint_families",), family_names, "constraint families the relabeling may use (trained families only)"),
     Setting(("max_rounds",), positive_int, "generation rounds allowed to reach the count"),
     *(Setting(("qc_thresholds", key), allowed, f"QC gate {key}") for key, allowed in QC_THRESHOLD_RANGES.items()),
@@ -429,7 +442,7 @@ def generate_into_folder(job: GenerationJob, loaded: tuple, args, *, batch_size:
     model, tokenizer, provenance = loaded
     folder, config = Path(job.folder), job.config
     if RESPONSE_TEMPLATES[config.response_template].demonstrations:
-        check_demonstrations(tokenizer)  # before the folder is claimed: a refused start leaves nothing behind
+        check_demonstrations(tokenizer, config.response_template)  # before the folder is claimed: a refused start leaves nothing behind
     resumed = claim_output_dir(folder, job.identity(provenance))
     print(f"{job.log_prefix} {'resuming' if resumed else 'starting'} ({config.count} pairs, seed {config.seed}) in {folder}",
           flush=True)
@@ -448,14 +461,20 @@ def generate_into_folder(job: GenerationJob, loaded: tuple, args, *, batch_size:
         outputs["probe"] = folder / "probe.json"
     prompt_versions = {**PROMPT_VERSIONS, "response_generation": config.response_template}
     if RESPONSE_TEMPLATES[config.response_template].demonstrations:
-        prompt_versions["demonstrations_sha256"] = demonstrations_fingerprint()
+        prompt_versions["demonstrations_sha256"] = demonstrations_fingerprint(config.response_template)
     manifest = create_session_manifest(
         job.stage, args, outputs=outputs, inputs=job.inputs, qc=qc, config=config.as_dict(), prompt_versions=prompt_versions,
         model_provenance=provenance, phase_counts=result["phase_counts"], wall_seconds=round(time.time() - start, 1),
         resumed=resumed, records=len(result["final"]), critic_signals=result["critic_signals"],
+        phase_seconds=result["phase_seconds"],
         constraint_catalogue_version=CATALOGUE_VERSION, **job.manifest_extra)
     write_manifest_atomic(manifest_path, manifest)
     print(format_qc_table(qc))
+    counts = result["phase_counts"]
+    if counts["generated_constraint_candidates"]:
+        print(f"answered under constraints: {counts['generated_constraint_instructions']} instructions; candidates passing per family: "
+              + ", ".join(f"{family} {counts['generated_constraint_passed'][family]}/{n}"
+                          for family, n in counts["generated_constraint_candidates"].items()))
     return {"qc": qc, "records": len(result["final"]), "data_path": data_path, "manifest_path": manifest_path}
 
 
@@ -500,6 +519,16 @@ def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path,
     critic = InstructionCritic(model, tokenizer, batch_size=batch_size, confidence_threshold=config.confidence_threshold,
                                label_swap=config.label_swap, show_progress=show_progress, compile=compile)
     files = {name: JsonlAppender(out_dir / file_name) for name, file_name in PHASE_FILES.items()}
+    phase_seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            phase_seconds[phase] = phase_seconds.get(phase, 0.0) + time.perf_counter() - start
+
     try:
         for round_index in range(config.max_rounds):
             accepted_before = sum(r["accepted"] for r in _records(files["judged"]) if r["round"] < round_index)
@@ -513,22 +542,33 @@ def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path,
             factor = config.first_round_oversample if round_index == 0 else 1.25 / max(yield_so_far, 0.1)
             n_candidates = max(1, math.ceil(need * factor))
             keys = [f"{key_prefix}r{round_index:02d}-{i:05d}" for i in range(n_candidates)]
-            _phase1(engine, files["candidates"], keys, round_index, config)
-            _phase2(critic, files, keys, config)
-            _phase3(engine, tokenizer, files, keys, config)
-            score_candidates(critic, files, keys, config)
+            with timed("instructions"):
+                _phase1(engine, files["candidates"], keys, round_index, config)
+            with timed("instruction_filters_and_critic"):
+                _phase2(critic, files, keys, config)
+            generated = _generated_constraints(files, keys, config)
+            with timed("responses"):
+                _phase3(engine, tokenizer, files, keys, config, generated)
+            with timed("response_scoring"):
+                score_candidates(critic, files, keys, config, {key: constraints for key, (_, constraints) in generated.items()})
             if critic_signals is None:
-                critic_signals = measure_signals(critic, out_dir, _records(files["scored"]), config)
+                with timed("probe"):
+                    critic_signals = measure_signals(critic, out_dir, _records(files["scored"]), config)
                 print(f"[probe] critic signal AUCs {critic_signals.aucs}; trusted: {list(critic_signals.trusted) or 'none'}",
                       flush=True)
             if not critic_signals.trusted:
                 break  # nothing may accept a pair: the gate fails with the probe's verdict
-            judge_instructions(files, keys, critic_signals, config)
-            constrain_accepted(files, keys, config, tokenizer)
+            with timed("judging_and_constraints"):
+                judge_instructions(files, keys, critic_signals, config)
+                constrain_accepted(files, keys, config, tokenizer, generated)
     finally:
         for appender in files.values():
             appender.close()
-    return _summarize(files, config, critic_signals)
+    summary = _summarize(files, config, critic_signals)
+    # Seconds of this invocation only (a resumed run counts what it did itself); where a stage's time goes.
+    summary["phase_seconds"] = {name: round(seconds, 1) for name, seconds in phase_seconds.items()}
+    summary["phase_counts"].update(prefill_tokens=engine.prefill_tokens, prefill_tokens_saved_by_shared_prefix=engine.prefix_tokens_saved)
+    return summary
 
 
 def _records(appender: JsonlAppender) -> list[dict]:
@@ -587,11 +627,32 @@ def _phase2(critic: InstructionCritic, files: dict, keys: list[str], config: Sta
             instruction_critic=decision, accepted=bool(decision and decision["accepted"])).to_dict())
 
 
-def _phase3(engine: GenerationEngine, tokenizer, files: dict, keys: list[str], config: Stage1Config) -> None:
-    """`num_candidates` responses per accepted instruction, each its own record (`<id>-c<j>`)."""
+def _generated_constraints(files: dict, keys: list[str], config: Stage1Config) -> dict[str, tuple[str, list[dict]]]:
+    """Accepted instruction id -> (its task, the constraints its answers are written under) for the
+    chosen fraction; recomputed from the seed and ids alone, so every phase and a resumed run agree."""
+    wanted = set(keys)
+    chosen = {}
+    for record in _records(files["instructions"]):
+        key = record["id"]
+        if record["accepted"] and key in wanted and selected_for_constraints(
+                config.seed, f"generated:{key}", config.generated_constraint_fraction):
+            drawn = generated_constraints(config.seed, key, record["instruction"], config.constraint_families)
+            if drawn is not None:
+                chosen[key] = (record["instruction"], drawn[1])
+    return chosen
+
+
+def _phase3(engine: GenerationEngine, tokenizer, files: dict, keys: list[str], config: Stage1Config,
+            generated: dict[str, tuple[str, list[dict]]]) -> None:
+    """`num_candidates` responses per accepted instruction, each its own record (`<id>-c<j>`); an
+    instruction in `generated` is answered with its constraints appended."""
+    from .constraints import build_instruction, from_record
+
     wanted = set(keys)
     template = config.response_template
     accepted = {r["id"]: r for r in _records(files["instructions"]) if r["accepted"] and r["id"] in wanted}
+    for key, (task, constraints) in generated.items():
+        accepted[key] = {**accepted[key], "instruction": build_instruction(task, [from_record(c) for c in constraints])[0]}
     owner, todo = {}, []
     for key, record in sorted(accepted.items()):
         prompt = CompletionStylePrompts.create_generation_response_prompt(record["instruction"], template)
@@ -637,7 +698,10 @@ def _summarize(files: dict, config: Stage1Config, critic_signals: CriticSignals 
         "judged_rejection_reasons": dict(Counter(reason for r in judged for reason in r["rejection_reasons"])),
         "constraint_selected": len(constrained),
         "constraint_unconstrainable": sum(not r["constraints"] for r in constrained.values()),
+        "generated_constraint_instructions": len({r["instruction_id"] for r in scored if r.get("constraint_checks")}),
     }
+    checks = generated_constraint_pass_rates(scored)
+    phase_counts.update(generated_constraint_candidates=checks["candidates"], generated_constraint_passed=checks["passed"])
     judged_instr = phase_counts["instruction_critic_judged"]
     phase_counts["instruction_critic_acceptance_rate"] = phase_counts["instruction_critic_accepted"] / judged_instr if judged_instr else None
     generation = {"instruction": config.instruction.as_dict(), "response": config.response.as_dict()}
