@@ -2,6 +2,7 @@
 
     python scripts/benchmark_generation.py --output results/benchmark_generation.json            # GPU
     python scripts/benchmark_generation.py --models tiny --batch-sizes 1 4 --new-tokens 8 --prompt-tokens 16   # CPU smoke run
+    python scripts/benchmark_generation.py --models qwen7b --measurements response   # the response phase's shape only
 
 For each model and batch size, with a fixed prompt length and a fixed number of new tokens: tokens/s of
 the project's engine (`GenerationEngine`) and of plain `model.generate` with the same settings, each also
@@ -9,7 +10,11 @@ as a fraction of the weight-bandwidth floor (weight bytes read per decode step /
 measured here), for the whole call and for its decode steps alone (the call minus a one-token call);
 and critic scoring (`InstructionCritic.label_logprobs`) in prompts/s and as a fraction of the bf16 matmul
 peak measured here. On a GPU the engine and the critic are also measured with `compile=True`
-(`*_compiled` rows; the compilation happens in the untimed warm-up call). Models: `bundled` (gemma-3-270m), `qwen7b` (random-init, Qwen2.5-7B
+(`*_compiled` rows; the compilation happens in the untimed warm-up call). The response phase's own shape
+(`response_shared` / `response_unshared` rows): the template's demonstrations (the real tokens for
+`bundled`, random ones of the same length otherwise), then a short instruction, each instruction N times
+(best-of-N), sampled with the pipeline's response settings, through the engine with and without
+shared-prefix prefill, with their ratio from the same run. Models: `bundled` (gemma-3-270m), `qwen7b` (random-init, Qwen2.5-7B
 shape, bf16), `tiny` (a 2-layer random model, for CPU runs). Prints a table last.
 """
 
@@ -19,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,6 +46,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--critic-prompts", type=int, default=64, help="prompts per critic scoring batch")
     parser.add_argument("--critic-tokens", type=int, default=160, help="critic prompt length")
     parser.add_argument("--runs", type=int, default=3, help="timed calls per measurement (after one warm-up); the median is kept")
+    parser.add_argument("--measurements", nargs="+", default=["decode", "critic", "response"], choices=["decode", "critic", "response"],
+                        help="decode: every decoding path by batch size; critic: critic scoring; response: the response phase's shape")
+    parser.add_argument("--response-batch-sizes", nargs="+", type=int, default=[256],
+                        help="rows per batch in the response measurement (instructions x candidates)")
+    parser.add_argument("--candidates", type=int, default=4, help="candidates per instruction (N) in the response measurement")
+    parser.add_argument("--response-new-tokens", type=int, default=256, help="new tokens per candidate in the response measurement")
+    parser.add_argument("--instruction-tokens", type=int, default=16, help="tokens of each (random) instruction after the demonstrations")
+    parser.add_argument("--prefix-tokens", type=int, default=None,
+                        help="demonstration length for qwen7b/tiny (default: the response template's demonstrations, in the model's tokenizer)")
     parser.add_argument("--tiny-model", default=None, help="model folder measured as `tiny` (default: a 2-layer random model)")
     parser.add_argument("--output", type=Path, default=Path("results/benchmark_generation.json"), help="JSON output")
     return parser.parse_args(argv)
@@ -108,8 +123,6 @@ def build_model(name: str, device: str, tiny_model: str | None = None):
 def bench_model(name: str, args, hw: dict, device: str) -> list[dict]:
     import torch
 
-    from utils.instruction_critic import InstructionCritic
-
     model, tokenizer = build_model(name, device, args.tiny_model)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     params_count = sum(p.numel() for p in model.parameters())
@@ -117,7 +130,7 @@ def bench_model(name: str, args, hw: dict, device: str) -> list[dict]:
     low = min(1000, vocab // 2)  # random prompt ids above the special tokens
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for batch in args.batch_sizes:
+    for batch in (args.batch_sizes if "decode" in args.measurements else []):
         prompts = torch.randint(low, min(vocab, 100000), (batch, args.prompt_tokens), generator=gen)
         floor = batch * hw["copy_bandwidth_bytes_per_s"] / weight_bytes  # tokens/s if each step reads all weights once
         items = [(f"p{i:04d}", prompts[i].tolist()) for i in range(batch)]
@@ -141,6 +154,24 @@ def bench_model(name: str, args, hw: dict, device: str) -> list[dict]:
                          "decode_fraction_of_bandwidth_floor": round(decode_tps / floor, 4),
                          **({"greedy_rows_equal_plain": round(greedy_rows, 4)} if greedy_rows is not None else {})})
             print(json.dumps(rows[-1]), flush=True)
+    if "response" in args.measurements:
+        rows += bench_response(name, model, tokenizer, args, hw["copy_bandwidth_bytes_per_s"] / weight_bytes, device)
+    if "critic" in args.measurements:
+        rows += bench_critic(name, model, tokenizer, args, hw, device, params_count, gen)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_critic(name: str, model, tokenizer, args, hw: dict, device: str, params_count: int, gen) -> list[dict]:
+    import torch
+
+    from utils.instruction_critic import InstructionCritic
+
+    rows = []
+    vocab = model.config.vocab_size
+    low = min(1000, vocab // 2)
     critic_prompts = torch.randint(low, min(vocab, 100000), (args.critic_prompts, args.critic_tokens), generator=gen)
     # Matmul work: every layer for every token; the LM head only at the answer slot (logits_to_keep=1).
     embed = model.get_input_embeddings().weight.numel()
@@ -153,9 +184,63 @@ def bench_model(name: str, args, hw: dict, device: str) -> list[dict]:
         rows.append({"model": name, "path": label, "batch": args.critic_prompts, "prompts_per_s": round(args.critic_prompts / seconds, 1),
                      "fraction_of_matmul_peak": round(flops / hw["matmul_bf16_flops_per_s"], 4)})
         print(json.dumps(rows[-1]), flush=True)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    return rows
+
+
+def response_prompts(name: str, tokenizer, vocab: int, rows: int, args) -> tuple[list[tuple[str, list[int]]], int]:
+    """(key, ids) for `rows` prompts, `args.candidates` copies of each instruction, and the prefix length."""
+    import torch
+
+    from utils.completion_prompts import CompletionStylePrompts
+    from utils.prompt_guards import encode_prompt
+
+    demonstrations = encode_prompt(tokenizer, CompletionStylePrompts.demonstration_prefix())
+    gen = torch.Generator().manual_seed(1)
+    low, high = min(1000, vocab // 2), min(vocab, 100000)  # random ids above the special tokens
+    if name != "bundled":  # random weights: random demonstrations of the same length
+        demonstrations = torch.randint(low, high, (args.prefix_tokens or len(demonstrations),), generator=gen).tolist()
+    instructions = -(-rows // args.candidates)
+    items = []
+    for i in range(instructions):
+        instruction = torch.randint(low, high, (args.instruction_tokens,), generator=gen).tolist()
+        items += [(f"i{i:05d}-c{j}", demonstrations + instruction) for j in range(args.candidates)]
+    return items[:rows], len(demonstrations)
+
+
+def bench_response(name: str, model, tokenizer, args, floor_per_row: float, device: str) -> list[dict]:
+    """The response phase's shape through the engine, with and without shared-prefix prefill, in one run."""
+    import torch
+
+    from utils.generation import GenerationEngine, SamplingParams
+    from utils.stage1_generation import Stage1Config
+
+    response = Stage1Config().response
+    params = SamplingParams(response.temperature, response.top_p, response.repetition_penalty, args.response_new_tokens)
+    rows = []
+    for batch in args.response_batch_sizes:
+        items, prefix = response_prompts(name, tokenizer, model.config.vocab_size, batch, args)
+        measured = {}
+        for label, share in (("response_unshared", False), ("response_shared", True)):
+            engine = GenerationEngine(model, tokenizer, batch_size=batch, show_progress=False, share_prefix=share,
+                                      compile=device == "cuda")  # as the pipeline's GPU profile runs it
+            engine.tokenizer = _NoEosTokenizer(tokenizer)
+            make = lambda n, engine=engine, items=items: lambda: engine.generate_encoded(items, replace(params, max_new_tokens=n))
+            seconds = _timed(torch, make(args.response_new_tokens), runs=args.runs)
+            calls = 1 + max(1, args.runs)
+            prefill_tokens, saved = engine.prefill_tokens // calls, engine.prefix_tokens_saved // calls
+            prefill_seconds = _timed(torch, make(1), runs=args.runs)  # the call up to its first token
+            tps = batch * args.response_new_tokens / seconds
+            decode_tps = batch * (args.response_new_tokens - 1) / max(seconds - prefill_seconds, 1e-9)
+            measured[label] = tps
+            rows.append({"model": name, "path": label, "batch": batch, "candidates": args.candidates, "prefix_tokens": prefix,
+                         "prompt_tokens": prefix + args.instruction_tokens, "new_tokens": args.response_new_tokens,
+                         "tokens_per_s": round(tps, 1), "fraction_of_bandwidth_floor": round(tps / (batch * floor_per_row), 4),
+                         "prefill_s": round(prefill_seconds, 4),
+                         "decode_tokens_per_s": round(decode_tps, 1),
+                         "decode_fraction_of_bandwidth_floor": round(decode_tps / (batch * floor_per_row), 4),
+                         "prefill_tokens_per_call": prefill_tokens, "prefix_tokens_saved_per_call": saved})
+            print(json.dumps(rows[-1]), flush=True)
+        rows[-1]["shared_vs_unshared"] = round(measured["response_shared"] / measured["response_unshared"], 3)
     return rows
 
 
@@ -236,6 +321,11 @@ def main(args) -> int:
         speedup = f"{row['speedup_vs_plain']:.2f}" if "speedup_vs_plain" in row else ""
         print(f"{row['model']:<9}{row['path']:<26}{row['batch']:>6}{rate:>20}{frac:>10.3f}{decode:>12}{speedup:>9}  "
               f"{'matmul peak' if 'prompts_per_s' in row else 'bandwidth floor'}")
+    for row in rows:
+        if "shared_vs_unshared" in row:
+            print(f"{row['model']} response phase, batch {row['batch']} ({row['candidates']} candidates, {row['prefix_tokens']}-token "
+                  f"demonstrations, {row['new_tokens']} new tokens): shared prefix {row['shared_vs_unshared']:.2f}x unshared "
+                  f"({row['prefix_tokens_saved_per_call']} prefill tokens saved per call)")
     return 0
 
 

@@ -9,6 +9,16 @@ record to <output>/base_responses.jsonl and sft_responses.jsonl; a rerun skips i
 (and refuses, exit 2, a file written with another model, adapter, prompt or decoding). Then
 evaluation_summary.txt, success_rates.png and, last and atomically, evaluation_results.json.
 
+Any two adapters: with --reference-checkpoint (e.g. the Stage 1 adapter, when --sft-checkpoint is the
+Stage 2 one) that adapter answers too (reference_responses.jsonl), on the same base, and the results
+hold three paired comparisons with the same statistics (`comparisons`: adapter vs base, adapter vs
+reference, reference vs base); the gate is then the adapter against the reference, and both adapters'
+provenance is recorded (`models.sft`, `models.reference`). The contamination check covers both
+adapters' training data. Without the flag nothing changes.
+
+    python scripts/evaluate_stage1_sft.py --sft-checkpoint checkpoints/stage2_dpo/final_adapter \
+        --reference-checkpoint checkpoints/stage1_sft/final_adapter --output results/stage2_eval
+
 Exit codes: 3 without final_adapter/TRAINING_SUCCESS, or when an adapter file differs from the sha256
 the marker records, the marker or training manifest is malformed, or the base model or the recorded
 training data no longer match the training records; 2 on a bad flag, an --output that is a file, a
@@ -43,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add = parser.add_argument
     add("--sft-checkpoint", type=Path, default=Path("checkpoints/stage1_sft/final_adapter"),
         help="adapter folder written by train_stage1_sft.py (must hold TRAINING_SUCCESS)")
+    add("--reference-checkpoint", type=Path, default=None,
+        help="a second adapter (with TRAINING_SUCCESS) to compare --sft-checkpoint against as well, e.g. the Stage 1 adapter "
+             "for a Stage 2 one; the gate is then that comparison")
     add("--test-set", type=Path, default=Path("data/test_instructions.jsonl"), help="JSONL with an 'instruction' field")
     add("--output", type=Path, default=Path("results/sft_eval"), help="output folder")
     add("--base-model", default=None, help="base model (default: the one the adapter was trained on, from its manifest)")
@@ -71,21 +84,29 @@ class Inputs:
     training_path: Path
     training_info: dict
     contamination: dict
+    reference: object = None  # utils.evaluation.TrainedAdapter of --reference-checkpoint
+    reference_training_info: dict | None = None
 
 
 def read_inputs(args) -> Inputs:
-    """Output folder, adapter (exit 3), test set (exit 2) and the contamination check: no model yet."""
+    """Output folder, adapter(s) (exit 3), test set (exit 2) and the contamination check: no model yet."""
     from utils import evaluation as ev
 
     ev.check_output_folder(args.output)
     adapter = ev.read_adapter(args.sft_checkpoint)
+    reference = ev.read_adapter(args.reference_checkpoint) if args.reference_checkpoint is not None else None
     records = ev.load_test_records(args.test_set, args.max_instruction_chars)
     training_path, training_info = ev.resolve_training_data(args.training_data, adapter)
-    contamination = ev.check_contamination(records, ev.load_training_instructions(training_path))
+    training = ev.load_training_instructions(training_path)
+    reference_info = None
+    if reference is not None:  # the reference's training data counts too: e.g. Stage 2 continues Stage 1's adapter
+        reference_path, reference_info = ev.resolve_training_data(None, reference)
+        training += [{**row, "id": f"reference:{row['id']}"} for row in ev.load_training_instructions(reference_path)]
+    contamination = ev.check_contamination(records, training)
     print(f"[eval] {len(records)} test records; contamination: {contamination['n_contaminated']} overlapping "
           f"instruction(s) {contamination['by_kind']}", flush=True)
     return Inputs(adapter, records, ev.resolve_base_model(args.base_model, adapter), training_path, training_info,
-                  contamination)
+                  contamination, reference, reference_info)
 
 
 def load_base_model(args, inputs: Inputs):
@@ -98,11 +119,14 @@ def load_base_model(args, inputs: Inputs):
                                                     allow_instruct_model=args.allow_instruct_model).load()
     checks = {"base_identity": ev.check_base_identity(provenance, inputs.adapter.marker),
               "prompt_lengths": ev.check_prompt_lengths(inputs.records, tokenizer, model, args.max_new_tokens, args.test_set)}
+    if inputs.reference is not None:
+        checks["reference_base_identity"] = ev.check_base_identity(provenance, inputs.reference.marker)
     return model, tokenizer, provenance, checks
 
 
 def generate_both(args, model, tokenizer, provenance: dict, inputs: Inputs) -> tuple[dict, dict]:
-    """Base responses, then the adapter's on the same loaded model; ({"base", "sft"}, decoding)."""
+    """Base responses, then the reference adapter's (if any), then the adapter's, on the same loaded
+    model; ({"base", ["reference",] "sft"}, decoding)."""
     from utils import evaluation as ev
     from utils.completion_prompts import CompletionStylePrompts as P
     from utils.generation import GenerationEngine, SamplingParams
@@ -114,12 +138,20 @@ def generate_both(args, model, tokenizer, provenance: dict, inputs: Inputs) -> t
                 "prompt_version": P.versions["response"], "dtype": provenance.get("dtype")}
     base_key = {"base": ev.model_key(provenance), **decoding}
     keys = {"base": base_key, "sft": {**base_key, "adapter": inputs.adapter.files_sha256}}
+    if inputs.reference is not None:
+        keys["reference"] = {**base_key, "adapter": inputs.reference.files_sha256}
     keys = {side: sha256_text(json.dumps(key, sort_keys=True))[:16] for side, key in keys.items()}
     args.output.mkdir(parents=True, exist_ok=True)
     engine = GenerationEngine(model, tokenizer, batch_size=args.batch_size, seed=0, show_progress=not args.no_progress)
     responses = {"base": ev.generate_responses("base", engine, inputs.records, args.output / "base_responses.jsonl",
                                                params, keys["base"])}
-    engine.model = load_adapter(model, inputs.adapter.path)
+    if inputs.reference is None:
+        engine.model = load_adapter(model, inputs.adapter.path)
+    else:  # both adapters on the one loaded base, each made the active one in turn
+        engine.model = model = load_adapter(model, inputs.reference.path, adapter_name="reference")
+        responses["reference"] = ev.generate_responses("reference", engine, inputs.records,
+                                                       args.output / "reference_responses.jsonl", params, keys["reference"])
+        engine.model = load_adapter(model, inputs.adapter.path, adapter_name="sft")
     responses["sft"] = ev.generate_responses("sft", engine, inputs.records, args.output / "sft_responses.jsonl",
                                              params, keys["sft"])
     return responses, decoding
@@ -131,20 +163,37 @@ def write_results(args, inputs: Inputs, provenance: dict, checks: dict, response
     from utils.completion_prompts import CompletionStylePrompts as P
     from utils.provenance_helper import create_session_manifest, sha256_file, write_manifest_atomic
 
-    records, adapter = inputs.records, inputs.adapter
-    pairs = ev.score_pairs(records, responses["base"]["rows"], responses["sft"]["rows"])
-    statistics = ev.paired_statistics(pairs, alpha=args.alpha)
-    statistics["constraint_families"] = ev.constraint_breakdown(records, pairs)
-    gate = ev.gate_decision(statistics, inputs.contamination, args.alpha, args.allow_contamination)
-    header = [f"Stage 1 SFT evaluation: {provenance.get('model_id')} vs + adapter {args.sft_checkpoint}",
+    records, adapter, reference = inputs.records, inputs.adapter, inputs.reference
+    rows = {side: info["rows"] for side, info in responses.items()}
+    labels = {"base": "base", "sft": "SFT" if reference is None else "adapter", "reference": "reference"}
+    contamination, allow = inputs.contamination, args.allow_contamination
+    comparisons = None if reference is None else {
+        key: ev.compare(records, rows, first, second, args.alpha, contamination, allow, (labels[first], labels[second]))
+        for key, (first, second) in ev.COMPARISONS.items()}
+    main_comparison = comparisons["adapter_vs_base"] if comparisons else \
+        ev.compare(records, rows, "base", "sft", args.alpha, contamination, allow, ("base", "SFT"))
+    statistics = main_comparison["statistics"]
+    # The gate: the adapter against the base, or with a reference, against the reference.
+    gate = comparisons["adapter_vs_reference"]["gate"] if comparisons else main_comparison["gate"]
+    header = [f"Stage 1 SFT evaluation: {provenance.get('model_id')} vs + adapter {args.sft_checkpoint}" if reference is None else
+              f"Paired evaluation: base {provenance.get('model_id')}, + reference adapter {args.reference_checkpoint}, "
+              f"+ adapter {args.sft_checkpoint}",
               f"test set {args.test_set} ({len(records)} records, {statistics['n_scored']} scored); greedy, "
               f"max_new_tokens {args.max_new_tokens}, prompt {P.versions['response']}"]
-    summary = ev.format_summary(statistics, gate, inputs.contamination, header)
-    paths = {name: args.output / f"{name}.jsonl" for name in ("base_responses", "sft_responses")}
+    summary = ev.format_summary(statistics, gate, inputs.contamination, header, comparisons=comparisons)
+    paths = {f"{side}_responses": args.output / f"{side}_responses.jsonl" for side in responses}
     paths["summary"] = args.output / "evaluation_summary.txt"
     paths["summary"].write_text(summary, encoding="utf-8")
-    paths["plot"] = ev.plot_success_rates(statistics, args.output / "success_rates.png",
-                                          title=f"base vs SFT adapter ({provenance.get('model_id')})")
+    paths["plot"] = ev.plot_success_rates(
+        statistics, args.output / "success_rates.png", title=f"base vs adapter(s) ({provenance.get('model_id')})",
+        reference_statistics=comparisons["reference_vs_base"]["statistics"] if comparisons else None)
+    models = {"base": {"requested": inputs.base_model, "provenance": provenance},
+              "sft": {**_adapter_record(adapter), "base_identity_check": checks["base_identity"]}}
+    extra = {}
+    if reference is not None:
+        models["reference"] = {**_adapter_record(reference), "base_identity_check": checks["reference_base_identity"]}
+        extra = {"comparisons": comparisons, "reference_training_data": inputs.reference_training_info,
+                 "gate_comparison": "adapter_vs_reference"}
     results = create_session_manifest(
         "evaluate_sft", {**vars(args), "base_model_resolved": inputs.base_model},
         inputs={"test_set": args.test_set, "training_data": inputs.training_path},
@@ -152,18 +201,19 @@ def write_results(args, inputs: Inputs, provenance: dict, checks: dict, response
         test_set={"path": str(args.test_set), "sha256": sha256_file(args.test_set), "n_records": len(records),
                   "counts_by_type": dict(Counter(str(r.get("type") or "(none)") for r in records)),
                   "prompt_lengths": checks["prompt_lengths"]},
-        models={"base": {"requested": inputs.base_model, "provenance": provenance},
-                "sft": {"adapter_path": str(adapter.path),
-                        "adapter_weights_sha256": adapter.files_sha256.get("adapter_model.safetensors"),
-                        "adapter_files_sha256": adapter.files_sha256, "training_success": adapter.marker,
-                        "training_manifest": str(adapter.manifest_path) if adapter.manifest_path else None,
-                        "base_identity_check": checks["base_identity"]}},
-        training_data=inputs.training_info, decoding={**decoding, "batch_size": args.batch_size, "seed": 0},
-        generation={side: {k: v for k, v in info.items() if k != "rows"} for side, info in responses.items()})
+        models=models, training_data=inputs.training_info, decoding={**decoding, "batch_size": args.batch_size, "seed": 0},
+        generation={side: {k: v for k, v in info.items() if k != "rows"} for side, info in responses.items()}, **extra)
     write_manifest_atomic(args.output / "evaluation_results.json", results)
     print(summary, end="")
     print(f"[eval] results in {args.output}", flush=True)
     return gate
+
+
+def _adapter_record(adapter) -> dict:
+    """An evaluated adapter's provenance in the results: its files and its training records."""
+    return {"adapter_path": str(adapter.path), "adapter_weights_sha256": adapter.files_sha256.get("adapter_model.safetensors"),
+            "adapter_files_sha256": adapter.files_sha256, "training_success": adapter.marker,
+            "training_manifest": str(adapter.manifest_path) if adapter.manifest_path else None}
 
 
 def main(args: argparse.Namespace) -> int:

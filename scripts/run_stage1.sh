@@ -14,12 +14,15 @@
 # The model's calibration is the pilot's own (--calibration auto, scripts/utils/calibration.py): the
 # bundled gemma-3-270m, recognised by its file sha256, gets the settings measured for it; any other
 # model the source's. The pilot manifest records which, why, and each value.
+# --stage2 continues, once every Stage 1 gate passed, with scripts/run_stage2.sh (preference pairs from
+# the Stage 1 adapter's own candidates, DPO, three-way evaluation) on the same profile and root.
 # STAGE1_SKIP_INSTALL=1 uses the python on PATH.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-profile=auto model_args=() root=.
+profile=auto model_args=() root=. stage2=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --stage2) stage2=1; shift ;;
     --profile|--model|--root)
       if [ $# -lt 2 ] || [ -z "$2" ]; then echo "$1 needs a value (see --help)" >&2; exit 2; fi
       case "$1" in
@@ -28,7 +31,7 @@ while [ $# -gt 0 ]; do
         --root) root=$2 ;;
       esac
       shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -86,3 +89,8 @@ echo "  pilot         $pilot/session_manifest.json"
 echo "  dataset       $dataset (+ ${dataset%.jsonl}.manifest.json)"
 echo "  adapter       $checkpoint/final_adapter (TRAINING_SUCCESS, training_manifest.json, loss_curve.png)"
 echo "  evaluation    $results/evaluation_summary.txt, evaluation_results.json, success_rates.png"
+if [ "$stage2" = 1 ]; then
+  echo
+  STAGE1_SKIP_INSTALL=1 bash scripts/run_stage2.sh --profile "$profile" --root "$root"
+  exit $?
+fi

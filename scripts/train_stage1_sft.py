@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from utils.cli_validation import in_range, positive_float, positive_int  # noqa: E402
+from utils.cli_validation import add_training_run_flags, in_range, parse_training_args, positive_float, positive_int  # noqa: E402
 from utils.exit_codes import EXIT_OK, BadInputError, RefusedError, run_cli  # noqa: E402
 
 EXIT_SIGTERM = 143
@@ -65,18 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
         help="recompute activations in backward to save memory; auto = on for models of 1B+ parameters")
     add("--packing", action="store_true", help="pack examples into --max-seq-length rows (TRL bfd; loss mask kept; implies padding-free)")
-    add("--resume", action="store_true", help="continue from the newest complete checkpoint in <output>/checkpoints")
-    add("--allow-changed-hyperparameters", action="store_true",
-        help="let --resume continue with hyperparameters other than the recorded ones (the changes are recorded)")
-    add("--save-steps", type=positive_int, default=100, help="checkpoint (and eval) every N optimizer steps")
-    add("--save-total-limit", type=positive_int, default=3, help="checkpoints kept on disk")
-    add("--logging-steps", type=positive_int, default=10, help="log (and NaN-check) the loss every N optimizer steps")
-    add("--max-steps", type=in_range(int, -1), default=-1, help="stop after N >= 1 optimizer steps (-1: run --epochs)")
-    add("--allow-instruct-model", action="store_true", help="override the loader's instruct-model refusal (recorded)")
-    args = parser.parse_args(argv)
-    if args.max_steps == 0:
-        parser.error("argument --max-steps: got 0, expected -1 (run --epochs) or an integer >= 1")
-    return args
+    add_training_run_flags(add)
+    return parse_training_args(parser, argv)
 
 
 @dataclass

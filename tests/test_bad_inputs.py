@@ -42,6 +42,7 @@ _GENERATION = [
     ("--num-candidates", ["-1", "0", "1.5", "abc"]),
     ("--relevance-min", ["nan", "inf", "abc"]),
     ("--constraint-fraction", ["-0.1", "1.5", "abc"]),
+    ("--generated-constraint-fraction", ["-0.1", "1.5", "abc"]),
     ("--constraint-families", ["nope", "words_range", ","]),  # unknown, held out of training, none
 ]
 NUMERIC = {
@@ -79,6 +80,8 @@ PATHS = {
             ("--data-manifest", "text", None), ("--data-manifest", "json_list", None), ("--model", "missing", None),
             ("--model", "text.gguf", None), ("--model", "empty_folder", None), ("--output", "text", None)],
     EVALUATE: [("--sft-checkpoint", "missing", None), ("--sft-checkpoint", "text", None), ("--sft-checkpoint", "empty_folder", None),
+               ("--reference-checkpoint", "missing", None), ("--reference-checkpoint", "text", None),
+               ("--reference-checkpoint", "empty_folder", None),
                ("--test-set", "missing", None), ("--test-set", "folder", None), ("--test-set", "text", None),
                ("--test-set", "json_list", None), ("--test-set", "no_instruction", None),
                ("--test-set", "too_long_for_the_model", "huge-1"), ("--test-set", "five_mb_instruction", None),

@@ -20,7 +20,8 @@ def test_generation_benchmark_measures_every_path(tmp_path, trained_model_dir):
     out = tmp_path / "generation.json"
     result = _run("benchmark_generation.py", ["--models", "tiny", "--tiny-model", trained_model_dir, "--batch-sizes", 1, 4,
                                               "--sampling-batch-sizes", 4, "--new-tokens", 6, "--prompt-tokens", 12,
-                                              "--critic-prompts", 4, "--critic-tokens", 16, "--runs", 2, "--output", out])
+                                              "--critic-prompts", 4, "--critic-tokens", 16, "--runs", 2, "--output", out,
+                                              "--measurements", "decode", "critic"])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     paths = {(row["path"], row["batch"]) for row in rows}
@@ -38,6 +39,39 @@ def test_generation_benchmark_measures_every_path(tmp_path, trained_model_dir):
         if row["path"] in ("plain_generate", "engine_no_graph", "engine"):  # float32 on the CPU: the same tokens
             assert row["greedy_rows_equal_plain"] == 1.0
     assert "x plain" in result.stdout  # the table is printed last
+
+
+def test_generation_benchmark_measures_the_response_shape_with_and_without_sharing(tmp_path, trained_model_dir):
+    out = tmp_path / "response.json"
+    result = _run("benchmark_generation.py", ["--models", "tiny", "--tiny-model", trained_model_dir, "--measurements", "response",
+                                              "--response-batch-sizes", 8, "--candidates", 4, "--response-new-tokens", 6,
+                                              "--instruction-tokens", 4, "--prefix-tokens", 40, "--runs", 1, "--output", out])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["path"], row["batch"], row["prompt_tokens"]) for row in rows] == [("response_unshared", 8, 44), ("response_shared", 8, 44)]
+    unshared, shared = rows
+    # 8 rows behind one 40-token prefix: 7 of its copies not prefilled, per call.
+    assert (unshared["prefix_tokens_saved_per_call"], shared["prefix_tokens_saved_per_call"]) == (0, 7 * 40)
+    assert shared["prefill_tokens_per_call"] + shared["prefix_tokens_saved_per_call"] == unshared["prefill_tokens_per_call"] == 8 * 44
+    assert shared["shared_vs_unshared"] == pytest.approx(shared["tokens_per_s"] / unshared["tokens_per_s"], rel=0.01)
+    assert "shared prefix" in result.stdout
+
+
+def test_response_prompts_are_the_demonstrations_then_n_copies_of_each_instruction(trained_model_dir):
+    from benchmark_generation import parse_args, response_prompts
+    from utils.clean_model_loader import CleanModelLoader
+    from utils.completion_prompts import CompletionStylePrompts
+    from utils.prompt_guards import encode_prompt
+
+    _, tokenizer, _ = CleanModelLoader(str(trained_model_dir), tokenizer_only=True).load()
+    demonstrations = encode_prompt(tokenizer, CompletionStylePrompts.demonstration_prefix())
+    args = parse_args(["--candidates", "3", "--instruction-tokens", "5"])
+    for name in ("bundled", "tiny"):  # the real demonstration tokens; random ones of the same length
+        items, prefix = response_prompts(name, tokenizer, len(tokenizer), 7, args)
+        assert prefix == len(demonstrations) and len(items) == 7 and len({key for key, _ in items}) == 7
+        assert all(len(ids) == prefix + 5 and ids[:prefix] == items[0][1][:prefix] for _, ids in items)
+        assert (items[0][1][:prefix] == demonstrations) == (name == "bundled")
+        assert items[0][1] == items[2][1] != items[3][1]  # three candidates of each instruction
 
 
 def test_training_benchmark_compares_with_plain_in_4bit(tmp_path, trained_model_dir):

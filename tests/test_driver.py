@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ["bash", str(ROOT / "scripts" / "run_stage1.sh")]
+STAGE2 = ["bash", str(ROOT / "scripts" / "run_stage2.sh")]
 
 
 def _env(**extra):
@@ -26,13 +27,15 @@ def test_driver_runs_every_stage_and_stops_at_the_failed_gate(trained_model_dir,
     # GEN_ARGS: the tiny model's critic signals need these to pass the probe (tests/tiny_models.py says why).
     env = _env(TEST_COUNT="10", PILOT_COUNT="6", SCALE_COUNT="12", SHARDS="2", EPOCHS="1", BATCH="8",
                GEN_ARGS=" ".join(TRAINED_PIPELINE_FLAGS))
-    result = subprocess.run(DRIVER + ["--profile", "cpu", "--model", str(trained_model_dir), "--root", str(tmp_path)],
+    result = subprocess.run(DRIVER + ["--profile", "cpu", "--model", str(trained_model_dir), "--root", str(tmp_path), "--stage2"],
                             capture_output=True, text=True, env=env, timeout=900)
     out = result.stdout + result.stderr
     for stage in ("test set", "pilot", "scale", "train", "evaluate"):
         assert f"=== {stage}:" in out, out[-3000:]
-    # The tiny model does not improve significantly, so the evaluation gate fails and the chain says so.
+    # The tiny model does not improve significantly, so the evaluation gate fails and the chain says so;
+    # --stage2 continues only after every Stage 1 gate passed.
     assert result.returncode == 4 and "stopped at 'evaluate' (exit 4)" in out, out[-3000:]
+    assert "[stage2]" not in out and not (tmp_path / "artifacts" / "stage2").exists()
     assert (tmp_path / "data" / "stage1_sft_data.manifest.json").exists()
     assert (tmp_path / "checkpoints" / "stage1_sft" / "final_adapter" / "TRAINING_SUCCESS").exists()
     assert (tmp_path / "results" / "sft_eval" / "evaluation_results.json").exists()
@@ -46,6 +49,36 @@ def test_driver_runs_every_stage_and_stops_at_the_failed_gate(trained_model_dir,
 def test_driver_refuses_a_flag_without_its_value(flag, tmp_path):
     result = subprocess.run(DRIVER + [flag], capture_output=True, text=True, env=_env(), timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and f"{flag} needs a value" in result.stderr, result.stderr
+
+
+def test_stage2_driver_stops_at_the_pair_gate_without_a_stage1_run(tmp_path):
+    result = subprocess.run(STAGE2 + ["--profile", "cpu", "--root", str(tmp_path)], capture_output=True, text=True, env=_env(),
+                            timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 3 and "stopped at 'pairs' (exit 3)" in out and "Stage 1 evaluation" in out, out[-2000:]
+    assert "=== dpo" not in out and not (tmp_path / "artifacts" / "stage2").exists()
+    bad = subprocess.run(STAGE2 + ["--profile", "tpu"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert bad.returncode == 2 and "--profile must be" in bad.stderr
+
+
+@pytest.mark.slow  # pairs, DPO and the three-way evaluation through the driver: 30-60 s measured on 2 shared cores
+def test_stage2_driver_chains_pairs_dpo_and_evaluation(trained_model_dir, tmp_path):
+    from test_stage2_pairs import build_stage1_workspace
+
+    build_stage1_workspace(tmp_path, trained_model_dir)  # a passed Stage 1 run in the driver's layout
+    env = _env(S2_INSTRUCTIONS="4", S2_CANDIDATES="3", BATCH="8",
+               S2_ARGS="--min-pairs 1 --max-new-tokens 24 --min-signal-margin 0.01 --constraint-fraction 0.5",
+               DPO_ARGS="--max-steps 2 --grad-accum 1 --val-fraction 0 --logging-steps 1")
+    result = subprocess.run(STAGE2 + ["--profile", "cpu", "--root", str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+    out = result.stdout + result.stderr
+    for stage in ("pairs", "dpo", "evaluate"):
+        assert f"=== {stage} finished with exit" in out, out[-3000:]
+    assert result.returncode in (0, 4), out[-3000:]
+    assert result.returncode == 0 or "stopped at 'evaluate' (exit 4)" in out
+    assert (tmp_path / "checkpoints" / "stage2_dpo" / "final_adapter" / "TRAINING_SUCCESS").exists()
+    results = json.loads((tmp_path / "results" / "stage2_eval" / "evaluation_results.json").read_text())
+    assert results["gate_comparison"] == "adapter_vs_reference"
+    assert results["models"]["reference"]["adapter_path"] == str(tmp_path / "checkpoints" / "stage1_sft" / "final_adapter")
 
 
 def test_driver_refuses_a_bad_profile(tmp_path):

@@ -262,3 +262,62 @@ def test_rehearsal_before_capture_is_rewound(monkeypatch, family):
 
     rehearsed, plain = sample(True), sample(False)
     assert torch.equal(rehearsed, plain)
+
+
+def _sliding_gemma3(attention: str, window: int = 8, vocab: int = VOCAB):
+    """A tiny gemma3 whose sliding window (8) is far shorter than prompt + new tokens, full layer among sliding ones."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(num_hidden_layers=4, head_dim=16, sliding_window=window, hidden_size=64, intermediate_size=128,
+                              num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"])
+    config._attn_implementation = attention
+    model = Gemma3ForCausalLM(config).eval()
+    model.config._attn_implementation = attention
+    return model
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_greedy_beyond_the_sliding_window_equals_generate(attention):
+    from utils.static_decode import supports_static_decode
+
+    model = _sliding_gemma3(attention)
+    ids = torch.randint(3, VOCAB, (4, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    for row, pads in ((1, 3), (2, 11), (3, 16)):  # 20, 17, 9 and 4 real tokens, then 30 new ones: far past the window
+        ids[row, :pads] = 0
+        mask[row, :pads] = 0
+    assert supports_static_decode(model, 50)
+    settings = dict(do_sample=False, max_new_tokens=30, repetition_penalty=1.3, pad_token_id=0)
+    free_run = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=None, **settings)[:, 20:]
+    end_token = int(free_run[0, 20])
+    expected = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=end_token, **settings)[:, 20:]
+    decoder = StaticDecoder(model, *ids.shape, 30, 0, {end_token}, temperature=0.0, top_p=1.0, repetition_penalty=1.3)
+    assert decoder.mask_mapping and all(not layer.is_sliding for layer in decoder.cache.layers)
+    got = decoder.decode(ids, mask)
+    assert (expected == 0).any(), "the end token must finish at least one row for this test to mean anything"
+    width = expected.shape[1]
+    assert torch.equal(got[:, :width], expected) and (got[:, width:] == 0).all()
+    # The window must matter for this test to mean anything: the same weights with a window that covers
+    # everything generate other tokens.
+    model.config.sliding_window = 4096
+    unwindowed = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=None, **settings)[:, 20:]
+    assert not torch.equal(unwindowed, free_run)
+
+
+def test_sliding_models_without_per_layer_type_masks_stay_within_their_window():
+    # Mistral builds its own masks from the attention mask it is given: beyond its window the engine
+    # must fall back to generate, and a decoder must refuse rather than decode with the wrong mask.
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from utils.static_decode import accepts_mask_mapping, supports_static_decode
+
+    config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=VOCAB, sliding_window=8)
+    config._attn_implementation = "sdpa"
+    model = MistralForCausalLM(config).eval()
+    assert not accepts_mask_mapping(model) and accepts_mask_mapping(_sliding_gemma3("sdpa"))
+    assert supports_static_decode(model, 8) and not supports_static_decode(model, 9)
+    with pytest.raises(ValueError, match="sliding window"):
+        StaticDecoder(model, 2, 6, 4, 0, set(), temperature=0.0, top_p=1.0, repetition_penalty=1.0)

@@ -91,8 +91,11 @@ def _pipeline_corpus(rng) -> list[str]:
             docs.append(P.create_instruction_critic_prompt(task)[-300:] + " A")
         else:
             docs.append(P.create_pair_critic_prompt(task, answer)[-300:] + " A")
-    # response_v4 documents (the demonstrations, then three answers, each ending at the end marker),
-    # drawn from their own generator so that the documents above stay what they were.
+    # Documents in the demonstration format (the response_v3 demonstrations, then three answers, each
+    # ending at the end marker), drawn from their own generator so that the documents above stay what
+    # they were. The v3 set keeps this fixture the model its pinned values were measured on (a v4-trained
+    # one named the subject less: probe AUC of relevance_total 0.51 instead of 0.70); the pipeline
+    # prompts it with the default template's longer set, in the same format.
     extra = random.Random(f"v3:{len(docs)}")
     for _ in range(200):
         blocks = []
@@ -100,7 +103,7 @@ def _pipeline_corpus(rng) -> list[str]:
             answer = extra.choice(_ANSWERS).format(s=subject, S=subject[0].upper() + subject[1:])
             blocks.append(P.create_response_prompt(extra.choice(_TASKS).format(s=subject)) + P.format_completion(answer)
                           + f"\n{RESPONSE_END_MARKER}\n\n")
-        docs.append(P.demonstration_prefix() + "".join(blocks))
+        docs.append(P.demonstration_prefix("response_v3") + "".join(blocks))
     return docs
 
 
@@ -137,7 +140,7 @@ def build_trained_tiny_model(folder: Path, *, steps: int = 250, seed: int = 0) -
     encoded, long_docs = [], []
     for doc in docs:
         ids = tokenizer.encode(doc, add_special_tokens=False) + [vocab["</s>"]]
-        # A response_v4 document is trained whole (about 1,200 tokens), four to a batch of their own:
+        # A demonstration document is trained whole (about 550 tokens), four to a batch of their own:
         # the model must answer after attending over all the demonstrations, as the pipeline prompts it.
         if RESPONSE_END_MARKER in doc:
             long_docs.append(ids)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .exit_codes import BadInputError
 
 __all__ = ["Range", "in_range", "positive_int", "non_negative_int", "positive_float", "probability",
-           "check_value", "check_values"]
+           "check_value", "check_values", "add_training_run_flags", "parse_training_args"]
 
 
 @dataclass(frozen=True)
@@ -92,3 +92,24 @@ def check_values(values: dict, ranges: dict[str, Range], source: str) -> None:
     for name, allowed in ranges.items():
         if name in values and values[name] is not None:
             check_value(name, values[name], allowed, source)
+
+
+def add_training_run_flags(add) -> None:
+    """The run-control flags both training scripts share (resume, checkpoints, logging, step limit, the
+    instruct-model override); `add` is the parser's add_argument. Pair with `parse_training_args`."""
+    add("--resume", action="store_true", help="continue from the newest complete checkpoint in <output>/checkpoints")
+    add("--allow-changed-hyperparameters", action="store_true",
+        help="let --resume continue with hyperparameters other than the recorded ones (the changes are recorded)")
+    add("--save-steps", type=positive_int, default=100, help="checkpoint (and eval) every N optimizer steps")
+    add("--save-total-limit", type=positive_int, default=3, help="checkpoints kept on disk")
+    add("--logging-steps", type=positive_int, default=10, help="log (and NaN-check) the loss every N optimizer steps")
+    add("--max-steps", type=in_range(int, -1), default=-1, help="stop after N >= 1 optimizer steps (-1: run --epochs)")
+    add("--allow-instruct-model", action="store_true", help="override the loader's instruct-model refusal (recorded)")
+
+
+def parse_training_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse, refusing --max-steps 0 (argparse's exit 2) as the range type cannot say it alone."""
+    args = parser.parse_args(argv)
+    if args.max_steps == 0:
+        parser.error("argument --max-steps: got 0, expected -1 (run --epochs) or an integer >= 1")
+    return args

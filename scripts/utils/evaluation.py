@@ -10,6 +10,11 @@ alpha. Records of a type without a scorer are generated and saved but sit outsid
 Gate: overall McNemar p < alpha with more SFT-only than base-only successes (c > b), and no
 train/test contamination unless it is explicitly allowed.
 
+Any two adapters (`compare`, `COMPARISONS`): with a reference adapter the same statistics run for
+each pair of the three models (adapter vs base, adapter vs reference, reference vs base), each a
+`compare` of two response sets, the first as the tables' base side; the gate is then the adapter
+against the reference.
+
 Contamination rule: a test instruction is contaminated when some SFT training instruction
   exact  is equal to it after `normalize_instruction` (lowercase, words only), or
   near   has Jaccard >= 0.7 of word unigram+bigram `shingles` (candidates from a MinHash
@@ -49,12 +54,16 @@ __all__ = [
     "check_output_folder", "read_adapter", "resolve_base_model", "resolve_training_data", "check_base_identity",
     "load_test_records", "check_prompt_lengths", "load_training_instructions", "model_key", "generate_responses",
     "score_pairs", "check_contamination", "paired_table", "paired_statistics", "constraint_breakdown", "gate_decision", "format_summary",
-    "plot_success_rates",
+    "plot_success_rates", "COMPARISONS", "compare",
 ]
 
 CONTAMINATION_JACCARD = OVERLAP_JACCARD
 CONTAMINATION_NGRAM = OVERLAP_NGRAM
 CI_ALPHA = 0.05  # the Wilson intervals are 95% whatever the gate alpha
+# An evaluation with a reference adapter compares three models pairwise: (first, second) response sets of each
+# comparison, the second being the one whose lead McNemar tests; the gate is the adapter against the reference.
+COMPARISONS = {"adapter_vs_base": ("base", "sft"), "adapter_vs_reference": ("reference", "sft"),
+               "reference_vs_base": ("base", "reference")}
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
@@ -346,6 +355,18 @@ def paired_statistics(pairs: list[dict], alpha: float) -> dict:
     }
 
 
+def compare(records: list[dict], rows: dict, first: str, second: str, alpha: float, contamination: dict | None,
+            allow_contamination: bool, labels: tuple[str, str]) -> dict:
+    """One paired comparison of two response sets (`rows[first]`, `rows[second]`: id -> response row):
+    its statistics (the first is the statistics' "base" side, the second its "sft" side), constraint
+    breakdown and gate, and the labels naming the two."""
+    pairs = score_pairs(records, rows[first], rows[second])
+    statistics = paired_statistics(pairs, alpha=alpha)
+    statistics["constraint_families"] = constraint_breakdown(records, pairs)
+    gate = gate_decision(statistics, contamination, alpha, allow_contamination, labels=labels)
+    return {"labels": list(labels), "statistics": statistics, "gate": gate}
+
+
 def constraint_breakdown(records: list[dict], pairs: list[dict]) -> dict | None:
     """instruction_following split into trained and held-out constraint families (each a paired table),
     plus per-family counts; None when the test set has no constrained records.
@@ -369,15 +390,18 @@ def constraint_breakdown(records: list[dict], pairs: list[dict]) -> dict | None:
             "note": "a record with two constraints counts for both families, with its all-constraints outcome"}
 
 
-def gate_decision(statistics: dict, contamination: dict | None, alpha: float, allow_contamination: bool) -> dict:
-    """Pass iff overall McNemar p < alpha in favour of SFT and no disallowed contamination."""
+def gate_decision(statistics: dict, contamination: dict | None, alpha: float, allow_contamination: bool,
+                  labels: tuple[str, str] = ("base", "SFT")) -> dict:
+    """Pass iff overall McNemar p < alpha in favour of the second model (the statistics' "sft" side:
+    the adapter under test) and no disallowed contamination. `labels` name the two sides in the reasons."""
+    first, second = labels
     reasons, overall = [], statistics.get("overall")
     if overall is None:
         reasons.append("no scored records: nothing to test")
     else:
         test = overall["mcnemar"]
         if test["favours"] != "sft":
-            reasons.append(f"SFT is not ahead (base-only b={test['b']}, SFT-only c={test['c']})")
+            reasons.append(f"{second} is not ahead ({first}-only b={test['b']}, {second}-only c={test['c']})")
         if not test["p_value"] < alpha:
             reasons.append(f"overall McNemar p={test['p_value']:.4g} ({test['method']}) is not < alpha {alpha}")
     if contamination is None:
@@ -387,7 +411,8 @@ def gate_decision(statistics: dict, contamination: dict | None, alpha: float, al
         reasons.append(f"train/test contamination: {contamination['n_contaminated']} test instruction(s) overlap the "
                        f"SFT training data ({ids}{', ...' if contamination['n_contaminated'] > 20 else ''})")
     return {"passed": not reasons, "alpha": alpha, "allow_contamination": allow_contamination, "reasons": reasons,
-            "rule": "overall McNemar p < alpha with SFT-only successes > base-only successes, and no train/test "
+            "compared": {"first": first, "second": second},
+            "rule": f"overall McNemar p < alpha with {second}-only successes > {first}-only successes, and no train/test "
                     "contamination unless --allow-contamination"}
 
 
@@ -396,11 +421,12 @@ def _fmt_side(side: dict, n: int) -> str:
     return f"{side['successes']:>3}/{n:<3} {side['rate']:6.1%} [{low:5.1%},{high:6.1%}]"
 
 
-def format_summary(statistics: dict, gate: dict, contamination: dict | None, header: list[str] = ()) -> str:
-    """The human-readable report written to evaluation_summary.txt."""
-    lines = list(header)
-    columns = f"{'type':<22} {'base':<27} {'sft':<27} {'b':>3} {'c':>3} {'p (McNemar)':>12} {'method':<8} {'p BH':>8} {'h':>6}"
-    lines += ["", columns, "-" * len(columns)]
+def _comparison_lines(statistics: dict, labels: tuple[str, str]) -> list[str]:
+    """The per-type table (and the constraint-family breakdown) of one paired comparison; `labels` name
+    its two sides (the statistics call them base and sft)."""
+    first, second = labels
+    columns = f"{'type':<22} {first:<27} {second:<27} {'b':>3} {'c':>3} {'p (McNemar)':>12} {'method':<8} {'p BH':>8} {'h':>6}"
+    lines = ["", columns, "-" * len(columns)]
     rows = [(t, row) for t, row in statistics["per_type"].items()] + [("OVERALL", statistics["overall"])]
     for name, row in rows:
         if row is None:
@@ -421,10 +447,44 @@ def format_summary(statistics: dict, gate: dict, contamination: dict | None, hea
             test, n = row["mcnemar"], row["n_scored"]
             lines.append(f"  {split:<20} {_fmt_side(row['base'], n):<27} {_fmt_side(row['sft'], n):<27} {test['b']:>3} "
                          f"{test['c']:>3} {test['p_value']:12.4g}")
-        lines.append("  per family (base / sft successes of n): " + ", ".join(
+        lines.append(f"  per family ({first} / {second} successes of n): " + ", ".join(
             f"{family} {row['base_successes']}/{row['sft_successes']} of {row['n']}" for family, row in breakdown["by_family"].items()))
+    return lines
+
+
+def _three_way_lines(comparisons: dict) -> list[str]:
+    """One row per type: the three success rates and the three McNemar p-values (from `comparisons`)."""
+    adapter_vs_base, adapter_vs_reference, reference_vs_base = (comparisons[k]["statistics"] for k in COMPARISONS)
+    columns = (f"{'type':<22} {'base':>7} {'reference':>9} {'adapter':>8} {'p adapter-ref':>14} {'p adapter-base':>15} "
+               f"{'p ref-base':>11}")
+    lines = ["", "three-way (success rates; McNemar p per pair of models):", columns, "-" * len(columns)]
+    names = list(adapter_vs_base["per_type"]) + ["OVERALL"]
+    for name in names:
+        rows = [stats["overall"] if name == "OVERALL" else stats["per_type"].get(name)
+                for stats in (adapter_vs_base, adapter_vs_reference, reference_vs_base)]
+        if any(row is None for row in rows):
+            continue
+        lines.append(f"{name:<22} {rows[0]['base']['rate']:7.1%} {rows[1]['base']['rate']:9.1%} {rows[0]['sft']['rate']:8.1%} "
+                     f"{rows[1]['mcnemar']['p_value']:14.4g} {rows[0]['mcnemar']['p_value']:15.4g} {rows[2]['mcnemar']['p_value']:11.4g}")
+    return lines
+
+
+def format_summary(statistics: dict, gate: dict, contamination: dict | None, header: list[str] = (),
+                   comparisons: dict | None = None) -> str:
+    """The human-readable report written to evaluation_summary.txt. With `comparisons` (an evaluation
+    with a reference adapter: `COMPARISONS` -> {"statistics", "labels"}) the three-way table comes
+    first, then each comparison's table."""
+    lines = list(header)
+    if comparisons:
+        lines += _three_way_lines(comparisons)
+        for key in COMPARISONS:
+            labels = tuple(comparisons[key]["labels"])
+            lines += ["", f"{labels[1]} vs {labels[0]}:"] + _comparison_lines(comparisons[key]["statistics"], labels)
+    else:
+        lines += _comparison_lines(statistics, ("base", "sft"))
     unscored = statistics["unscored"]
-    lines += ["", f"rates with Wilson 95% CIs; b = base-only successes, c = SFT-only successes; "
+    sides = "b = successes of the first model only, c = of the second only" if comparisons else "b = base-only successes, c = SFT-only successes"
+    lines += ["", f"rates with Wilson 95% CIs; {sides}; "
                   f"{statistics['mcnemar_method_rule']}; BH = Benjamini-Hochberg over the per-type tests; h = Cohen's h",
               f"unscored records (no scorer for their type; generated and saved): {unscored['n']} {unscored['by_type'] or ''}"]
     if contamination is not None:
@@ -439,22 +499,27 @@ def format_summary(statistics: dict, gate: dict, contamination: dict | None, hea
     return "\n".join(lines) + "\n"
 
 
-def plot_success_rates(statistics: dict, path, title: str = "Stage 1 SFT evaluation") -> Path:
-    """Grouped bars per type (and overall): base vs SFT success rate with Wilson 95% error bars."""
+def plot_success_rates(statistics: dict, path, title: str = "Stage 1 SFT evaluation", reference_statistics: dict | None = None) -> Path:
+    """Grouped bars per type (and overall): base vs SFT success rate with Wilson 95% error bars; with
+    `reference_statistics` (reference adapter vs base) a third bar, the reference adapter, between them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = list(statistics["per_type"].items()) + ([("overall", statistics["overall"])] if statistics["overall"] else [])
+    bars = [("base", [row["base"] for _, row in rows], "#8c8c8c")]
+    if reference_statistics is not None:
+        reference = {**reference_statistics["per_type"], "overall": reference_statistics["overall"]}
+        bars.append(("base + reference adapter", [reference[name]["sft"] for name, _ in rows], "#ff7f0e"))
+    bars.append(("base + SFT adapter" if reference_statistics is None else "base + adapter", [row["sft"] for _, row in rows], "#1f77b4"))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(rows) + 2), 4.5))
-    width = 0.38
-    for offset, side, colour in ((-width / 2, "base", "#8c8c8c"), (width / 2, "sft", "#1f77b4")):
-        rates = [row[side]["rate"] for _, row in rows]
-        errors = [[row[side]["rate"] - row[side]["ci95"][0] for _, row in rows],
-                  [row[side]["ci95"][1] - row[side]["rate"] for _, row in rows]]
-        ax.bar([i + offset for i in range(len(rows))], rates, width, yerr=errors, capsize=4, color=colour,
-               label="base" if side == "base" else "base + SFT adapter")
+    width = 0.76 / len(bars)
+    for index, (label, sides, colour) in enumerate(bars):
+        offset = (index - (len(bars) - 1) / 2) * width
+        rates = [side["rate"] for side in sides]
+        errors = [[side["rate"] - side["ci95"][0] for side in sides], [side["ci95"][1] - side["rate"] for side in sides]]
+        ax.bar([i + offset for i in range(len(rows))], rates, width, yerr=errors, capsize=4, color=colour, label=label)
     ax.set_xticks(range(len(rows)), [f"{name}\n(n={row['n_scored']})" for name, row in rows], fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success rate (Wilson 95% CI)")

@@ -12,6 +12,12 @@ replay one graph instead of capturing their own. `compile=True` also compiles th
 (torch.compile, once per shape; it pays off over many batches of one shape). `release()` frees them;
 assigning `engine.model` releases them too (a graph replays the model it was captured from).
 
+When every row of a static batch starts with the same tokens (at least `MIN_SHARED_PREFIX` of them:
+few-shot demonstrations, or N copies of one prompt), that prefix is prefilled once and its keys and
+values shared by all rows (`share_prefix=False` turns this off); `prefix_tokens_saved` counts the
+prefill tokens this spared, `prefill_tokens` those computed (padding included). Its length is rounded
+down to a multiple of `width_multiple`, so batches behind one fixed prefix keep one decoder shape.
+
     engine = GenerationEngine(model, tokenizer, batch_size=32, seed=42)
     results = engine.generate([(key, prompt_text), ...], SamplingParams(...), stop_strings=[...],
                               on_result=appender_callback)
@@ -27,6 +33,7 @@ and a runaway one (a 5 MB instruction) must not size the attention mask and cach
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -35,7 +42,10 @@ from .prompt_guards import encode_prompt
 from .static_decode import StaticDecoder, supports_static_decode
 
 __all__ = ["SamplingParams", "GenerationResult", "GenerationEngine", "is_out_of_memory", "context_length",
-           "check_prompts_fit", "left_pad"]
+           "check_prompts_fit", "left_pad", "shared_prefix_length", "prefix_layout", "MIN_SHARED_PREFIX"]
+
+# Below this, prefilling a prefix on its own (one more forward pass) saves less than it costs.
+MIN_SHARED_PREFIX = 32
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, width: int | None = None):
@@ -50,6 +60,29 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, width: int | None 
         input_ids[row, width - len(ids):] = torch.tensor(ids)
         attention[row, width - len(ids):] = 1
     return input_ids, attention
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]], multiple: int = 1, minimum: int = MIN_SHARED_PREFIX) -> int:
+    """Tokens every sequence starts with, leaving each at least one of its own (its last token gives the
+    next token's logits), rounded down to a multiple of `multiple`; 0 below `minimum`."""
+    common = len(os.path.commonprefix([list(ids) for ids in sequences]))
+    length = min(common, min(len(ids) for ids in sequences) - 1) // multiple * multiple
+    return length if length >= max(1, minimum) else 0
+
+
+def prefix_layout(sequences: Sequence[Sequence[int]], prefix: int, pad_id: int, width: int | None = None):
+    """(input_ids, attention_mask) for `StaticDecoder(prefix_length=prefix)`: the shared prefix in the first
+    `prefix` columns, each row's rest left-padded after it up to `width`. With prefix 0, `left_pad`."""
+    import torch
+
+    ids, mask = left_pad([seq[prefix:] for seq in sequences], pad_id, None if width is None else width - prefix)
+    if not prefix:
+        return ids, mask
+    head = list(sequences[0][:prefix])
+    if any(list(seq[:prefix]) != head for seq in sequences):
+        raise ValueError(f"the sequences do not all start with the same {prefix} tokens")
+    head = torch.tensor(head, dtype=torch.long).expand(len(sequences), -1)
+    return torch.cat([head, ids], dim=1), torch.cat([torch.ones_like(head), mask], dim=1)
 
 
 @dataclass(frozen=True)
@@ -112,7 +145,7 @@ class GenerationEngine:
 
     def __init__(self, model, tokenizer, batch_size: int = 16, seed: int = 0, show_progress: bool = True,
                  decode_loop: str = "auto", cuda_graph: bool = True, compile: bool = False,
-                 width_multiple: int | None = None):
+                 width_multiple: int | None = None, share_prefix: bool = True):
         if decode_loop not in ("auto", "static", "generate"):
             raise ValueError(f"decode_loop must be auto, static or generate, not {decode_loop!r}")
         self._decoders: dict[tuple, StaticDecoder] = {}
@@ -129,6 +162,9 @@ class GenerationEngine:
         self.seed = seed
         self.show_progress = show_progress
         self.oom_events = 0
+        self.share_prefix = share_prefix
+        self.prefill_tokens = 0  # prompt tokens the static loop prefilled, padding included
+        self.prefix_tokens_saved = 0  # prompt tokens it did not prefill, thanks to a shared prefix
 
     def generate(self, items: Iterable[tuple[str, str]], params: SamplingParams,
                  stop_strings: Sequence[str] = (), on_result: Callable[[GenerationResult], None] | None = None,
@@ -198,18 +234,24 @@ class GenerationEngine:
         import torch
 
         pad_id = self.tokenizer.pad_token_id
-        width = max(len(ids) for _, ids in batch)
+        sequences = [ids for _, ids in batch]
+        width = max(len(ids) for ids in sequences)
         static = self._use_static_loop(width + params.max_new_tokens)
+        device = self.model.device
         if static:
-            padded = -(-width // self.width_multiple) * self.width_multiple
+            prefix = shared_prefix_length(sequences, self.width_multiple) if self.share_prefix and len(batch) > 1 else 0
+            # The prefix keeps its exact (rounded) length; the suffix region is what gets padded up.
+            padded = prefix + -(-(width - prefix) // self.width_multiple) * self.width_multiple
             if supports_static_decode(self.model, padded + params.max_new_tokens):
                 width = padded
-        input_ids, attention = left_pad([ids for _, ids in batch], pad_id, width)
-        device = self.model.device
-        torch.manual_seed(_batch_seed(self.seed, batch[0][0]))
-        if static:
-            new_tokens = self._static_decode(input_ids.to(device), attention.to(device), params, stop_strings).tolist()
+            input_ids, attention = prefix_layout(sequences, prefix, pad_id, width)
+            self.prefill_tokens += prefix + len(batch) * (width - prefix)
+            self.prefix_tokens_saved += (len(batch) - 1) * prefix
+            torch.manual_seed(_batch_seed(self.seed, batch[0][0]))
+            new_tokens = self._static_decode(input_ids.to(device), attention.to(device), params, stop_strings, prefix).tolist()
             return [self._finish(key, tokens, params, stop_strings) for (key, _), tokens in zip(batch, new_tokens, strict=True)]
+        input_ids, attention = left_pad(sequences, pad_id, width)
+        torch.manual_seed(_batch_seed(self.seed, batch[0][0]))
         kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad_id,
                       eos_token_id=self.tokenizer.eos_token_id, repetition_penalty=params.repetition_penalty)
         if params.greedy:
@@ -236,7 +278,7 @@ class GenerationEngine:
         enders = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} | self.tokenizer.stage1_guard["forbidden_ids"]
         return {tok for tok in enders if tok is not None}
 
-    def _static_decode(self, input_ids, attention, params: SamplingParams, stop_strings: list[str]):
+    def _static_decode(self, input_ids, attention, params: SamplingParams, stop_strings: list[str], prefix: int = 0):
         enders = self._enders()
         window = 8
 
@@ -250,7 +292,8 @@ class GenerationEngine:
         # A new model object already released the kept decoders (the `model` setter); the module
         # count catches an adapter injected into the same object in place. Other in-place changes
         # need release().
-        key = (sum(1 for _ in self.model.modules()), tuple(input_ids.shape), params.max_new_tokens,
+        # The shared prefix length is part of the shape: it sets which columns the prefill computes.
+        key = (sum(1 for _ in self.model.modules()), tuple(input_ids.shape), prefix, params.max_new_tokens,
                params.temperature, params.top_p, params.repetition_penalty, tuple(sorted(enders)))
         decoder = self._decoders.pop(key, None)
         if decoder is None:
@@ -260,7 +303,7 @@ class GenerationEngine:
                                     enders, temperature=params.temperature, top_p=params.top_p,  # <= 0: greedy
                                     repetition_penalty=params.repetition_penalty, device=input_ids.device,
                                     check_every=window, use_cuda_graph=self.cuda_graph and input_ids.device.type == "cuda",
-                                    compile_forward=self.compile)
+                                    compile_forward=self.compile, prefix_length=prefix)
         self._decoders[key] = decoder  # most recently used last
         return decoder.decode(input_ids, attention, stop_check=stopped_rows if stop_strings else None)
 

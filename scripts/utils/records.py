@@ -5,7 +5,10 @@ one per sampled response candidate), ScoredResponseRecord (phase 4: every candid
 JudgedPairRecord (phase 4: one per instruction, the chosen candidate and the verdict),
 ConstrainedPairRecord (phase 5: the accepted pairs given verifiable constraints) and SFTExampleRecord
 (the accepted pairs: the pilot's and each shard's `sft_data.jsonl`, and the merged dataset); the
-evaluation writes EvaluationResponseRecord. The
+evaluation writes EvaluationResponseRecord; Stage 2 writes PreferenceInstructionRecord (a fresh
+instruction, its exclusion check and constraints) and PreferencePairRecord (a chosen/rejected pair,
+why it was formed and both sides' scores), and reuses ResponseRecord/ScoredResponseRecord for the
+Stage 1 adapter's candidates. The
 same thing has the same name in every kind: `raw_response` is the model's text before cleaning,
 `response` the cleaned text, `was_cut` whether the cleaner removed something, `round` the
 generation round. docs/record_schema.md documents every field; a test keeps the two in step.
@@ -20,7 +23,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 
 __all__ = ["CandidateRecord", "InstructionRecord", "ResponseRecord", "ScoredResponseRecord", "JudgedPairRecord",
-           "ConstrainedPairRecord", "SFTExampleRecord", "EvaluationResponseRecord", "RECORD_KINDS", "field_names", "unique_by_id"]
+           "ConstrainedPairRecord", "SFTExampleRecord", "EvaluationResponseRecord", "PreferenceInstructionRecord",
+           "PreferencePairRecord", "RECORD_KINDS", "field_names", "unique_by_id"]
 
 
 class _Record:
@@ -176,6 +180,44 @@ class EvaluationResponseRecord(_Record):
     prompt_version: str
 
 
+@dataclass(frozen=True)
+class PreferenceInstructionRecord(_Record):
+    id: str
+    round: int
+    task: str
+    instruction: str
+    constraints: list[dict]
+    excluded: bool
+    overlaps: list[dict]
+
+
+@dataclass(frozen=True)
+class PreferencePairRecord(_Record):
+    id: str
+    source: str
+    signal: str | None
+    reason: str
+    instruction_id: str
+    round: int
+    instruction: str
+    task: str
+    constraints: list[dict]
+    chosen: str
+    rejected: str
+    chosen_id: str
+    rejected_id: str
+    chosen_scores: dict
+    rejected_scores: dict
+    margin: float
+    margin_kind: str
+    n_chosen_tokens: int
+    n_rejected_tokens: int
+    length_ratio: float
+    corruption: dict | None
+    seed: int
+    prompt_version: str
+
+
 # The file each kind is written to, as docs/record_schema.md names its tables.
 RECORD_KINDS = {
     "candidate": CandidateRecord,
@@ -186,6 +228,8 @@ RECORD_KINDS = {
     "constrained pair": ConstrainedPairRecord,
     "SFT example": SFTExampleRecord,
     "evaluation response": EvaluationResponseRecord,
+    "preference instruction": PreferenceInstructionRecord,
+    "preference pair": PreferencePairRecord,
 }
 
 

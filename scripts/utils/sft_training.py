@@ -13,6 +13,9 @@ compares it with this run before anything in the output folder changes.
 The finished adapter: `TRAINING_SUCCESS` carries the sha256 of every file in the adapter folder
 (`adapter_file_hashes`), and `verify_adapter_files` is the one check of them.
 
+Stage 2 DPO (`utils.dpo_training`, train_stage2_dpo.py) shares the loop pieces: the guard callback,
+the SIGTERM wrapper, the resume checks, the adapter hashes and `load_adapter`.
+
 Test hooks (read by `TrainingGuardCallback`, for tests only): STAGE1_INJECT_NAN_AT_STEP=N fills a
 LoRA weight with NaN just before optimizer step N; STAGE1_TEST_SIGTERM_AT_STEP=N sends this process
 SIGTERM at the end of step N.
@@ -222,10 +225,16 @@ def build_trainer(model, tokenizer, train_examples: list[dict], val_examples: li
 
 
 class TrainingGuardCallback(TrainerCallback):
-    """Stops on a non-finite loss, records loss history, and turns SIGTERM into save-then-stop."""
+    """Stops on a non-finite loss, records loss history, and turns SIGTERM into save-then-stop.
 
-    def __init__(self):
+    `metric_keys` names further logged values to keep per step in `metric_history` (DPO's
+    "rewards/margins" and its "eval_" twin); only the losses stop training when not finite.
+    """
+
+    def __init__(self, metric_keys: tuple[str, ...] = ()):
         self.train_history, self.eval_history = [], []  # [{"step", "loss"}], [{"step", "eval_loss"}]
+        self.metric_keys = tuple(metric_keys)
+        self.metric_history: dict[str, list[dict]] = {key: [] for key in self.metric_keys}  # key -> [{"step", key}]
         self.stop_requested, self.stopped_at_step, self.num_tokens = False, None, 0
         self._nan_at = int(os.environ.get("STAGE1_INJECT_NAN_AT_STEP", "0") or 0)
         self._sigterm_at = int(os.environ.get("STAGE1_TEST_SIGTERM_AT_STEP", "0") or 0)
@@ -233,6 +242,7 @@ class TrainingGuardCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         state.compute_steps(args, state.max_steps)  # a resumed state carries the old run's intervals: use this run's
         self.train_history, self.eval_history = [], []
+        self.metric_history = {key: [] for key in self.metric_keys}
         for entry in state.log_history:  # a resumed run starts from the checkpoint's history
             self._record(entry, state, check=False)
 
@@ -273,6 +283,9 @@ class TrainingGuardCallback(TrainerCallback):
                     raise NonFiniteLossError(f"{'training' if key == 'loss' else 'evaluation'} loss is {value} at step "
                                              f"{step} (logged every {state.logging_steps} step(s)); training stopped")
                 history.append({"step": step, key: value})
+        for key in self.metric_keys:
+            if key in entry:
+                self.metric_history[key].append({"step": step, key: float(entry[key])})
         if "num_tokens" in entry:
             self.num_tokens = int(entry["num_tokens"])
 
@@ -356,16 +369,26 @@ def plot_loss_curve(train_history: list[dict], eval_history: list[dict], path, t
     return Path(path)
 
 
-def load_adapter(model, path):
-    """A trained LoRA adapter on top of a base model from CleanModelLoader (the only adapter loader)."""
+def load_adapter(model, path, adapter_name: str = "default", is_trainable: bool = False):
+    """A trained LoRA adapter on top of a base model from CleanModelLoader (the only adapter loader).
+
+    On a model that already carries adapters (a PeftModel) the new one is added under `adapter_name`
+    and made the active one, so one loaded base can answer as several adapters in turn (the
+    evaluation's reference adapter). `is_trainable` loads it for further training (Stage 2 DPO
+    continues the Stage 1 adapter); otherwise it is frozen, in inference mode.
+    """
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(path))
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+        model.set_adapter(adapter_name)
+        return model
+    return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=is_trainable)
 
 
-def run_hyperparameters(args, quantization: str) -> dict:
-    """The values of `RUN_HYPERPARAMETERS` for this run (quantization as resolved)."""
-    values = {name: getattr(args, name) for name in RUN_HYPERPARAMETERS}
+def run_hyperparameters(args, quantization: str, names: tuple[str, ...] = RUN_HYPERPARAMETERS) -> dict:
+    """The values of `names` (default `RUN_HYPERPARAMETERS`, Stage 1's) for this run (quantization as resolved)."""
+    values = {name: getattr(args, name) for name in names if name != "quantization"}
     values["quantization"] = quantization
     return values
 
