@@ -184,8 +184,15 @@ def test_engine_shares_prefixes_with_the_same_results_as_generate(family, traine
     prompt = lambda text: P.create_generation_response_prompt(text, "response_v3")
     items = [(f"best{j}", prompt("Name three facts about the moon and the sun.")) for j in range(3)]
     items += [(f"k{i}", prompt(text)) for i, text in enumerate(["Give a tip.", "List colours.", "Describe rain."])]
-    # Substrings these two models write, so that some rows end on a stop string.
-    params, stops = SamplingParams(0.0, 1.0, 1.1, 40), P.response_stop_strings("response_v3") + ["about", "ooo"]
+    params = SamplingParams(0.0, 1.0, 1.1, 40)
+    # A stop string taken from what the model writes, so that some rows end on it; never one that a prompt's
+    # end and the first generated characters could form (generate would match it across the prompt's end).
+    probe, _ = _engine_results(model, tokenizer, items, params, [], decode_loop="generate")
+    prompts = dict(items)
+    spans_prompt_end = lambda stop: any(stop in prompts[key][-len(stop):] + text[:len(stop)] for key, text, _, _ in probe)
+    stop = next(text[i:i + 3] for _, text, _, _ in probe for i in range(4, len(text) - 3)
+                if text[i:i + 3].strip() and not spans_prompt_end(text[i:i + 3]))
+    stops = P.response_stop_strings("response_v3") + [stop]
     plain, _ = _engine_results(model, tokenizer, items, params, stops, decode_loop="generate")
     shared, engine = _engine_results(model, tokenizer, items, params, stops, decode_loop="static")
     unshared, off = _engine_results(model, tokenizer, items, params, stops, decode_loop="static", share_prefix=False)
