@@ -170,6 +170,7 @@ def _engine_results(model, tokenizer, items, params, stops, **options):
     return results, engine
 
 
+@pytest.mark.slow  # 35-49 s a case measured on 2 busy cores (four engine runs over ~470-token prompts)
 @pytest.mark.parametrize("family", ["llama", "gemma3_sliding"])
 def test_engine_shares_prefixes_with_the_same_results_as_generate(family, trained_model_dir):
     # The response phase's shape: response_v3 prompts (the demonstrations, then the instruction), one of
