@@ -37,9 +37,8 @@ while [ $# -gt 0 ]; do
 done
 if [ "${STAGE1_SKIP_INSTALL:-0}" = 1 ]; then export PYTHONUNBUFFERED=1; else source scripts/setup_env.sh || exit 1; fi
 read -r -a gen_args <<< "${GEN_ARGS:-}"
-if [ "$profile" = auto ]; then
-  profile=$(python -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
-fi
+source scripts/driver_lib.sh
+profile=$(resolve_profile "$profile")
 case "$profile" in
   # On a GPU the effective batch stays the source's 8 (8 x 1 instead of 1 x 8): 8.6x faster on gemma-3-270m.
   gpu) : "${TEST_COUNT:=200}" "${PILOT_COUNT:=200}" "${SCALE_COUNT:=2000}" "${SHARDS:=4}" "${EPOCHS:=3}" "${BATCH:=256}" \
@@ -55,31 +54,19 @@ results=$root/results/sft_eval
 echo "[stage1] profile=$profile test=$TEST_COUNT pilot=$PILOT_COUNT scale=$SCALE_COUNT shards=$SHARDS epochs=$EPOCHS batch=$BATCH"
 started=$(date +%s)
 
-stage() {
-  local name=$1; shift
-  local t0; t0=$(date +%s)
-  echo; echo "[stage1] === $name: $*"
-  "$@"; local rc=$?
-  echo "[stage1] === $name finished with exit $rc in $(( $(date +%s) - t0 ))s"
-  if [ $rc -ne 0 ]; then
-    echo "[stage1] stopped at '$name' (exit $rc); its outputs and manifest say why" >&2
-    exit $rc
-  fi
-}
-
-stage "test set" python scripts/generate_test_instructions.py --count "$TEST_COUNT" --output "$test_set"
-stage "pilot" python scripts/generate_stage1_pilot_data.py --count "$PILOT_COUNT" --output "$pilot" --batch-size "$BATCH" \
+stage stage1 "test set" python scripts/generate_test_instructions.py --count "$TEST_COUNT" --output "$test_set"
+stage stage1 "pilot" python scripts/generate_stage1_pilot_data.py --count "$PILOT_COUNT" --output "$pilot" --batch-size "$BATCH" \
   "${model_args[@]}" "${gen_args[@]}"
-stage "scale" python scripts/generate_stage1_scale_data.py --pilot-manifest "$pilot/session_manifest.json" \
+stage stage1 "scale" python scripts/generate_stage1_scale_data.py --pilot-manifest "$pilot/session_manifest.json" \
   --count "$SCALE_COUNT" --num-shards "$SHARDS" --output "$dataset" --batch-size "$BATCH" --exclude-test-set "$test_set"
 if [ -f "$checkpoint/final_adapter/TRAINING_SUCCESS" ] && [ "$checkpoint/final_adapter/TRAINING_SUCCESS" -nt "${dataset%.jsonl}.manifest.json" ]; then
   echo "[stage1] === train: $checkpoint/final_adapter/TRAINING_SUCCESS is newer than the dataset; skipped"
 else
   read -r -a train_args <<< "${TRAIN_ARGS:-}"
-  stage "train" python scripts/train_stage1_sft.py --data "$dataset" --output "$checkpoint" --epochs "$EPOCHS" --resume \
+  stage stage1 "train" python scripts/train_stage1_sft.py --data "$dataset" --output "$checkpoint" --epochs "$EPOCHS" --resume \
     "${model_args[@]}" "${train_args[@]}"
 fi
-stage "evaluate" python scripts/evaluate_stage1_sft.py --sft-checkpoint "$checkpoint/final_adapter" --test-set "$test_set" \
+stage stage1 "evaluate" python scripts/evaluate_stage1_sft.py --sft-checkpoint "$checkpoint/final_adapter" --test-set "$test_set" \
   --output "$results" --batch-size "$BATCH"
 
 echo

@@ -30,9 +30,8 @@ while [ $# -gt 0 ]; do
 done
 if [ "${STAGE1_SKIP_INSTALL:-0}" = 1 ]; then export PYTHONUNBUFFERED=1; else source scripts/setup_env.sh || exit 1; fi
 read -r -a s2_args <<< "${S2_ARGS:-}"
-if [ "$profile" = auto ]; then
-  profile=$(python -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
-fi
+source scripts/driver_lib.sh
+profile=$(resolve_profile "$profile")
 case "$profile" in
   # As in Stage 1, the effective batch of 8 is 8 x 1 on a GPU.
   gpu) : "${S2_INSTRUCTIONS:=1000}" "${S2_CANDIDATES:=4}" "${DPO_EPOCHS:=1}" "${BATCH:=256}" \
@@ -49,28 +48,16 @@ results=$root/results/stage2_eval
 echo "[stage2] profile=$profile instructions=$S2_INSTRUCTIONS candidates=$S2_CANDIDATES dpo_epochs=$DPO_EPOCHS batch=$BATCH"
 started=$(date +%s)
 
-stage() {
-  local name=$1; shift
-  local t0; t0=$(date +%s)
-  echo; echo "[stage2] === $name: $*"
-  "$@"; local rc=$?
-  echo "[stage2] === $name finished with exit $rc in $(( $(date +%s) - t0 ))s"
-  if [ $rc -ne 0 ]; then
-    echo "[stage2] stopped at '$name' (exit $rc); its outputs and manifest say why" >&2
-    exit $rc
-  fi
-}
-
-stage "pairs" python scripts/generate_stage2_preference_data.py --stage1-evaluation "$stage1_eval" --stage1-adapter "$stage1_adapter" \
+stage stage2 "pairs" python scripts/generate_stage2_preference_data.py --stage1-evaluation "$stage1_eval" --stage1-adapter "$stage1_adapter" \
   --output "$pairs" --num-instructions "$S2_INSTRUCTIONS" --num-candidates "$S2_CANDIDATES" --batch-size "$BATCH" "${s2_args[@]}"
 if [ -f "$dpo/final_adapter/TRAINING_SUCCESS" ] && [ "$dpo/final_adapter/TRAINING_SUCCESS" -nt "$pairs/session_manifest.json" ]; then
   echo "[stage2] === dpo: $dpo/final_adapter/TRAINING_SUCCESS is newer than the pairs; skipped"
 else
   read -r -a dpo_args <<< "${DPO_ARGS:-}"
-  stage "dpo" python scripts/train_stage2_dpo.py --pairs "$pairs/preference_pairs.jsonl" --output "$dpo" --epochs "$DPO_EPOCHS" \
+  stage stage2 "dpo" python scripts/train_stage2_dpo.py --pairs "$pairs/preference_pairs.jsonl" --output "$dpo" --epochs "$DPO_EPOCHS" \
     --resume "${dpo_args[@]}"
 fi
-stage "evaluate" python scripts/evaluate_stage1_sft.py --sft-checkpoint "$dpo/final_adapter" --reference-checkpoint "$stage1_adapter" \
+stage stage2 "evaluate" python scripts/evaluate_stage1_sft.py --sft-checkpoint "$dpo/final_adapter" --reference-checkpoint "$stage1_adapter" \
   --test-set "$test_set" --output "$results" --batch-size "$BATCH"
 
 echo

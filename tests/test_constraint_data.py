@@ -194,7 +194,7 @@ def test_a_generated_pair_is_recorded_as_it_was_written_and_never_relabeled(tiny
     config = SimpleNamespace(seed=3, constraint_fraction=1.0, constraint_families=["uppercase"])
     passing = {**_judged("r00-00000", "rivers run to the sea."), "instruction": "Describe rivers. " + lower["text"]}
     files = {"judged": _Appender([passing]), "constrained": _Appender()}
-    constrain_accepted(files, ["r00-00000"], config, tokenizer, {"r00-00000": ("Describe rivers.", [lower])})
+    constrain_accepted(files, ["r00-00000"], config, tokenizer, {"r00-00000": ("Describe rivers.", passing["instruction"], [lower])})
     (record,) = files["constrained"]
     assert record["constraint_mode"] == "generated" and record["constraint_modes"] == ["generated"]
     assert record["response"] == record["original_response"] == "rivers run to the sea."  # not upper-cased by phase 5
@@ -204,6 +204,6 @@ def test_a_generated_pair_is_recorded_as_it_was_written_and_never_relabeled(tiny
     failing = {**passing, "id": "r00-00001", "response": "Rivers run to the sea."}
     files = {"judged": _Appender([failing]), "constrained": _Appender()}
     with pytest.raises(RuntimeError, match="fails its own checker"):
-        constrain_accepted(files, ["r00-00001"], config, tokenizer, {"r00-00001": ("Describe rivers.", [lower])})
+        constrain_accepted(files, ["r00-00001"], config, tokenizer, {"r00-00001": ("Describe rivers.", failing["instruction"], [lower])})
     scored = [{"constraint_checks": recheck([lower], text)} for text in ("all lower.", "Not lower.", "fine too.")] + [{"constraint_checks": None}]
     assert generated_constraint_pass_rates(scored) == {"candidates": {"lowercase": 3}, "passed": {"lowercase": 2}}

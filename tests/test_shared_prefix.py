@@ -5,7 +5,10 @@ import pytest
 import torch
 
 # The random models and transformers' own processing chain, shared with the static loop's tests.
-from test_static_decode import VOCAB, _hf_probabilities, _random_model, _sliding_gemma3
+from tiny_models import DECODE_VOCAB as VOCAB
+from tiny_models import random_decode_model as _random_model
+from tiny_models import sliding_gemma3 as _sliding_gemma3
+from tiny_models import transformers_probabilities as _hf_probabilities
 from utils.generation import GenerationEngine, SamplingParams, left_pad, prefix_layout, shared_prefix_length
 from utils.static_decode import StaticDecoder
 

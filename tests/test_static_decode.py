@@ -9,28 +9,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+from tiny_models import DECODE_VOCAB as VOCAB  # noqa: E402
+from tiny_models import random_decode_model as _random_model  # noqa: E402
+from tiny_models import sliding_gemma3 as _sliding_gemma3  # noqa: E402
+from tiny_models import transformers_probabilities as _hf_probabilities  # noqa: E402
 from utils.static_decode import StaticDecoder, nucleus_keep_mask, process_scores  # noqa: E402
-
-VOCAB = 300
-
-
-def _random_model(family: str, attention: str, lora: bool = False):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)
-    if family == "gemma3":  # sliding-window and full layers, soft-capped logits
-        config, cls = Gemma3TextConfig(num_hidden_layers=4, head_dim=16, sliding_window=64, **shape), Gemma3ForCausalLM
-    else:
-        config, cls = LlamaConfig(num_hidden_layers=2, **shape), LlamaForCausalLM
-    config._attn_implementation = attention
-    model = cls(config).eval()
-    model.config._attn_implementation = attention
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
-    return model
 
 
 def _left_padded_batch():
@@ -59,14 +42,6 @@ def test_greedy_equals_generate_token_for_token(family, lora, attention):
     width = expected.shape[1]  # generate stops early once every row has ended
     assert torch.equal(got[:, :width], expected)
     assert (got[:, width:] == 0).all()
-
-
-def _hf_probabilities(logits, input_ids, penalty, temperature, top_p):
-    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
-
-    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(temperature),
-                                      TopPLogitsWarper(top_p)])
-    return torch.softmax(processors(input_ids, logits.clone()), dim=-1)
 
 
 def _our_probabilities(logits, input_ids, penalty, temperature, top_p):
@@ -262,20 +237,6 @@ def test_rehearsal_before_capture_is_rewound(monkeypatch, family):
 
     rehearsed, plain = sample(True), sample(False)
     assert torch.equal(rehearsed, plain)
-
-
-def _sliding_gemma3(attention: str, window: int = 8, vocab: int = VOCAB):
-    """A tiny gemma3 whose sliding window (8) is far shorter than prompt + new tokens, full layer among sliding ones."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(num_hidden_layers=4, head_dim=16, sliding_window=window, hidden_size=64, intermediate_size=128,
-                              num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                              layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"])
-    config._attn_implementation = attention
-    model = Gemma3ForCausalLM(config).eval()
-    model.config._attn_implementation = attention
-    return model
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

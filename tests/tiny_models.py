@@ -182,3 +182,56 @@ TRAINED_PIPELINE_FLAGS = ["--min-signal-auc", "0", "--confidence-threshold", "-1
 TRAINED_PIPELINE_OVERRIDES = {"min_signal_auc": {"from": 0.75, "to": 0.0}, "confidence_threshold": {"from": 1.0, "to": -100.0},
                               "generated_constraint_fraction": {"from": 0.3, "to": 0.0}}
 __all__ += ["TRAINED_PIPELINE_FLAGS", "TRAINED_PIPELINE_OVERRIDES"]
+
+
+# Random-init models for the decode-loop tests (test_static_decode.py, test_shared_prefix.py).
+DECODE_VOCAB = 300
+
+
+def random_decode_model(family: str, attention: str, lora: bool = False):
+    """A random-init llama or gemma3 (sliding and full layers) of DECODE_VOCAB tokens, optionally with a LoRA adapter."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=DECODE_VOCAB)
+    if family == "gemma3":  # sliding-window and full layers, soft-capped logits
+        config, cls = Gemma3TextConfig(num_hidden_layers=4, head_dim=16, sliding_window=64, **shape), Gemma3ForCausalLM
+    else:
+        config, cls = LlamaConfig(num_hidden_layers=2, **shape), LlamaForCausalLM
+    config._attn_implementation = attention
+    model = cls(config).eval()
+    model.config._attn_implementation = attention
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    return model
+
+
+def transformers_probabilities(logits, input_ids, penalty, temperature, top_p):
+    """The sampling distribution transformers' own processors give (penalty, temperature, top-p)."""
+    import torch
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
+
+    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(temperature),
+                                      TopPLogitsWarper(top_p)])
+    return torch.softmax(processors(input_ids, logits.clone()), dim=-1)
+
+
+def sliding_gemma3(attention: str, window: int = 8, vocab: int = DECODE_VOCAB):
+    """A tiny gemma3 whose sliding window (8) is far shorter than prompt + new tokens, full layer among sliding ones."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(num_hidden_layers=4, head_dim=16, sliding_window=window, hidden_size=64, intermediate_size=128,
+                              num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"])
+    config._attn_implementation = attention
+    model = Gemma3ForCausalLM(config).eval()
+    model.config._attn_implementation = attention
+    return model
+
+
+__all__ += ["DECODE_VOCAB", "random_decode_model", "transformers_probabilities", "sliding_gemma3"]

@@ -235,7 +235,7 @@ def constrain_accepted(files: dict, keys, config, tokenizer, generated: dict | N
     """Phase 5: relabel the chosen accepted judged pairs of `keys` not relabeled yet, one record
     each in files["constrained"] (a chosen pair that no constraint fits is recorded with none).
     `generated` maps an instruction id whose answers were written under constraints to (its task
-    before them, the constraints): such a pair is recorded as it is, mode "generated", never relabeled."""
+    before them, the constrained instruction, the constraints): such a pair is recorded as it is, mode "generated", never relabeled."""
     from .completion_prompts import CompletionStylePrompts
     from .prompt_guards import encode_continuation
     from .records import ConstrainedPairRecord, unique_by_id
@@ -247,7 +247,7 @@ def constrain_accepted(files: dict, keys, config, tokenizer, generated: dict | N
         if key not in wanted or not record["accepted"] or key in files["constrained"]:
             continue
         if key in generated:
-            task, constraints = generated[key]
+            task, _, constraints = generated[key]
             relabeled = ConstrainedPair(record["instruction"], record["response"], constraints, ["generated"] * len(constraints),
                                         "generated")
         elif selected_for_constraints(config.seed, key, config.constraint_fraction):

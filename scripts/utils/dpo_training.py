@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .completion_prompts import CompletionStylePrompts
 from .exit_codes import BadInputError
-from .jsonl_io import iter_jsonl
+from .jsonl_io import read_keyed_text_records
 from .prompt_guards import encode_continuation, encode_prompt
 
 __all__ = ["PREFERENCE_FIELDS", "DPO_METRICS", "DPO_RUN_HYPERPARAMETERS", "DEFAULT_BETA", "DEFAULT_LR", "REFERENCE_ADAPTER",
@@ -52,24 +52,10 @@ REFERENCE_ADAPTER = "ref"  # the frozen copy TRL makes of it
 def load_preference_records(path) -> list[dict]:
     """Pairs with non-empty string instruction/chosen/rejected, chosen != rejected and a unique id;
     each keeps `_line`. Anything else is bad input naming file:line (exit 2)."""
-    records, first_line = [], {}
-    for line, record in iter_jsonl(path):
-        missing = [name for name in PREFERENCE_FIELDS if name not in record]
-        if missing:
-            raise BadInputError(f"{path}:{line}: missing field(s) {', '.join(missing)}")
-        for name in PREFERENCE_FIELDS[1:]:
-            if not isinstance(record[name], str) or not record[name].strip():
-                raise BadInputError(f"{path}:{line}: field '{name}' must be a non-empty string")
-        if record["chosen"].strip() == record["rejected"].strip():
-            raise BadInputError(f"{path}:{line}: chosen and rejected are the same text")
-        key = str(record["id"])
-        if key in first_line:
-            raise BadInputError(f"{path}:{line}: duplicate id {key!r} (first on line {first_line[key]})")
-        first_line[key] = line
-        records.append({**record, "_line": line})
-    if not records:
-        raise BadInputError(f"{path}: no preference pairs")
-    return records
+    def same_sides(record):
+        return "chosen and rejected are the same text" if record["chosen"].strip() == record["rejected"].strip() else None
+
+    return read_keyed_text_records(path, PREFERENCE_FIELDS, PREFERENCE_FIELDS[1:], "no preference pairs", same_sides)
 
 
 def build_preference_examples(tokenizer, records: list[dict], max_length: int, source: str = "pairs") -> tuple[list[dict], dict]:

@@ -23,6 +23,7 @@ from .exit_codes import BadInputError
 
 __all__ = [
     "iter_jsonl",
+    "read_keyed_text_records",
     "read_jsonl",
     "repair_torn_tail",
     "JsonlAppender",
@@ -30,6 +31,34 @@ __all__ = [
     "open_atomic",
     "write_jsonl_atomic",
 ]
+
+
+def read_keyed_text_records(path, required: Iterable[str], text_fields: Iterable[str], empty: str,
+                            check=None) -> list[dict]:
+    """A training dataset: every record has the `required` fields, non-empty strings in `text_fields`,
+    passes `check(record)` (None, or what is wrong) and has an id no earlier line used (compared as
+    text); each keeps its `_line`. Anything else, or no record at all (`empty` says what was wanted),
+    is bad input naming file:line (exit 2): ids are how records are traced back."""
+    required, text_fields = tuple(required), tuple(text_fields)
+    records, first_line = [], {}
+    for line, record in iter_jsonl(path):
+        missing = [name for name in required if name not in record]
+        if missing:
+            raise BadInputError(f"{path}:{line}: missing field(s) {', '.join(missing)}")
+        for name in text_fields:
+            if not isinstance(record[name], str) or not record[name].strip():
+                raise BadInputError(f"{path}:{line}: field '{name}' must be a non-empty string")
+        problem = check(record) if check is not None else None
+        if problem:
+            raise BadInputError(f"{path}:{line}: {problem}")
+        key = str(record["id"])
+        if key in first_line:
+            raise BadInputError(f"{path}:{line}: duplicate id {key!r} (first on line {first_line[key]})")
+        first_line[key] = line
+        records.append({**record, "_line": line})
+    if not records:
+        raise BadInputError(f"{path}: {empty}")
+    return records
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:

@@ -136,7 +136,7 @@ def _usable(files: dict, before_round: int | None = None) -> list[dict]:
 def _instruction_rounds(engine, critic, files: dict, config: Stage2Config, exclusion) -> None:
     """Stage 1's phases 1-2 in rounds, then the exclusion check, until enough instructions are usable;
     a round's size depends only on earlier rounds, so a resumed run asks for the same keys."""
-    from .stage1_generation import _phase1, _phase2, config_from_dict
+    from .stage1_generation import config_from_dict, filter_and_judge_instructions, generate_instruction_candidates
 
     settings = config_from_dict(config.instruction_settings)
     for round_index in range(settings.max_rounds):
@@ -147,8 +147,8 @@ def _instruction_rounds(engine, critic, files: dict, config: Stage2Config, exclu
         earlier = sum(r["round"] < round_index for r in _records(files["candidates"]))
         factor = settings.first_round_oversample if round_index == 0 else 1.25 / max(before / earlier if earlier else 0.0, 0.1)
         keys = [f"{KEY_PREFIX}r{round_index:02d}-{i:05d}" for i in range(max(1, math.ceil(need * factor)))]
-        _phase1(engine, files["candidates"], keys, round_index, settings)
-        _phase2(critic, files, keys, settings)
+        generate_instruction_candidates(engine, files["candidates"], keys, round_index, settings)
+        filter_and_judge_instructions(critic, files, keys, settings)
         _select_instructions(files, keys, config, exclusion)
 
 

@@ -37,7 +37,7 @@ from transformers import TrainerCallback
 
 from .completion_prompts import CompletionStylePrompts
 from .exit_codes import BadInputError, RefusedError, Stage1Error
-from .jsonl_io import iter_jsonl
+from .jsonl_io import read_keyed_text_records
 from .prompt_guards import encode_continuation, encode_prompt
 from .provenance_helper import model_identity, read_manifest, same_model, sha256_file, write_manifest_atomic
 
@@ -73,22 +73,7 @@ def load_sft_records(path) -> list[dict]:
     A repeated id (compared as text, as the test set does) is bad input naming the line of the
     second occurrence: ids are how records are traced back, so two records may not share one.
     """
-    records, first_line = [], {}
-    for line, record in iter_jsonl(path):
-        missing = [field for field in REQUIRED_FIELDS if field not in record]
-        if missing:
-            raise BadInputError(f"{path}:{line}: missing field(s) {', '.join(missing)}")
-        for field in ("instruction", "response"):
-            if not isinstance(record[field], str) or not record[field].strip():
-                raise BadInputError(f"{path}:{line}: field '{field}' must be a non-empty string")
-        record_id = str(record["id"])
-        if record_id in first_line:
-            raise BadInputError(f"{path}:{line}: duplicate id {record_id!r} (first on line {first_line[record_id]})")
-        first_line[record_id] = line
-        records.append({**record, "_line": line})
-    if not records:
-        raise BadInputError(f"{path}: no records (empty dataset)")
-    return records
+    return read_keyed_text_records(path, REQUIRED_FIELDS, ("instruction", "response"), "no records (empty dataset)")
 
 
 def split_train_val(records: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -71,7 +71,7 @@ from .records import CandidateRecord, InstructionRecord, ResponseRecord, SFTExam
 from .response_selection import CriticSignals, candidate_key, judge_instructions, measure_signals, score_candidates
 
 __all__ = ["Stage1Config", "PHASE_FILES", "SFT_DATA_FILE", "RUN_CONFIG_FILE", "BLACKLIST_KEYWORDS", "blacklisted_keyword",
-           "prefilter_instruction", "run_stage1_generation",
+           "prefilter_instruction", "run_stage1_generation", "generate_instruction_candidates", "filter_and_judge_instructions",
            "Setting", "TUNABLE_SETTINGS", "CONFIG_RANGES", "setting_value", "with_settings", "apply_flags", "pilot_config",
            "scale_config", "config_from_dict", "config_from_manifest", "add_generation_arguments", "DefaultsHelpFormatter",
            "describe_differences", "check_run_identity", "claim_output_dir", "check_output_path", "GenerationJob",
@@ -543,14 +543,14 @@ def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path,
             n_candidates = max(1, math.ceil(need * factor))
             keys = [f"{key_prefix}r{round_index:02d}-{i:05d}" for i in range(n_candidates)]
             with timed("instructions"):
-                _phase1(engine, files["candidates"], keys, round_index, config)
+                generate_instruction_candidates(engine, files["candidates"], keys, round_index, config)
             with timed("instruction_filters_and_critic"):
-                _phase2(critic, files, keys, config)
+                filter_and_judge_instructions(critic, files, keys, config)
             generated = _generated_constraints(files, keys, config)
             with timed("responses"):
                 _phase3(engine, tokenizer, files, keys, config, generated)
             with timed("response_scoring"):
-                score_candidates(critic, files, keys, config, {key: constraints for key, (_, constraints) in generated.items()})
+                score_candidates(critic, files, keys, config, {key: constraints for key, (_, _, constraints) in generated.items()})
             if critic_signals is None:
                 with timed("probe"):
                     critic_signals = measure_signals(critic, out_dir, _records(files["scored"]), config)
@@ -575,7 +575,9 @@ def _records(appender: JsonlAppender) -> list[dict]:
     return unique_by_id(appender.records)
 
 
-def _phase1(engine: GenerationEngine, appender: JsonlAppender, keys: list[str], round_index: int, config: Stage1Config) -> None:
+def generate_instruction_candidates(engine: GenerationEngine, appender: JsonlAppender, keys: list[str], round_index: int,
+                                    config: Stage1Config) -> None:
+    """Phase 1: a candidate instruction for each key not on disk yet, from a seeded few-shot list (Stage 2 reuses it)."""
     todo, examples_by_key = [], {}
     for key in keys:
         if key in appender:
@@ -596,7 +598,8 @@ def _phase1(engine: GenerationEngine, appender: JsonlAppender, keys: list[str], 
     engine.generate(todo, config.instruction, stops, on_result=save, description="phase 1 instructions")
 
 
-def _phase2(critic: InstructionCritic, files: dict, keys: list[str], config: Stage1Config) -> None:
+def filter_and_judge_instructions(critic: InstructionCritic, files: dict, keys: list[str], config: Stage1Config) -> None:
+    """Phase 2: the cheap filters, near-duplicates against the pool, then the instruction critic (Stage 2 reuses it)."""
     index = NearDuplicateIndex(config.near_duplicate_threshold)
     for i, text in enumerate(SEED_INSTRUCTIONS):
         index.add(f"seed-{i}", text)
@@ -627,9 +630,9 @@ def _phase2(critic: InstructionCritic, files: dict, keys: list[str], config: Sta
             instruction_critic=decision, accepted=bool(decision and decision["accepted"])).to_dict())
 
 
-def _generated_constraints(files: dict, keys: list[str], config: Stage1Config) -> dict[str, tuple[str, list[dict]]]:
-    """Accepted instruction id -> (its task, the constraints its answers are written under) for the
-    chosen fraction; recomputed from the seed and ids alone, so every phase and a resumed run agree."""
+def _generated_constraints(files: dict, keys: list[str], config: Stage1Config) -> dict[str, tuple[str, str, list[dict]]]:
+    """Accepted instruction id -> (its task, the constrained instruction, the constraints its answers are
+    written under) for the chosen fraction; recomputed from the seed and ids alone, so every phase and a resumed run agree."""
     wanted = set(keys)
     chosen = {}
     for record in _records(files["instructions"]):
@@ -638,21 +641,19 @@ def _generated_constraints(files: dict, keys: list[str], config: Stage1Config) -
                 config.seed, f"generated:{key}", config.generated_constraint_fraction):
             drawn = generated_constraints(config.seed, key, record["instruction"], config.constraint_families)
             if drawn is not None:
-                chosen[key] = (record["instruction"], drawn[1])
+                chosen[key] = (record["instruction"], *drawn)
     return chosen
 
 
 def _phase3(engine: GenerationEngine, tokenizer, files: dict, keys: list[str], config: Stage1Config,
-            generated: dict[str, tuple[str, list[dict]]]) -> None:
+            generated: dict[str, tuple[str, str, list[dict]]]) -> None:
     """`num_candidates` responses per accepted instruction, each its own record (`<id>-c<j>`); an
     instruction in `generated` is answered with its constraints appended."""
-    from .constraints import build_instruction, from_record
-
     wanted = set(keys)
     template = config.response_template
     accepted = {r["id"]: r for r in _records(files["instructions"]) if r["accepted"] and r["id"] in wanted}
-    for key, (task, constraints) in generated.items():
-        accepted[key] = {**accepted[key], "instruction": build_instruction(task, [from_record(c) for c in constraints])[0]}
+    for key, (_, instruction, _) in generated.items():
+        accepted[key] = {**accepted[key], "instruction": instruction}
     owner, todo = {}, []
     for key, record in sorted(accepted.items()):
         prompt = CompletionStylePrompts.create_generation_response_prompt(record["instruction"], template)
