@@ -16,6 +16,9 @@
 # model the source's. The pilot manifest records which, why, and each value.
 # --stage2 continues, once every Stage 1 gate passed, with scripts/run_stage2.sh (preference pairs from
 # the Stage 1 adapter's own candidates, DPO, three-way evaluation) on the same profile and root.
+# Several GPUs: the scale stage runs one torchrun rank per visible GPU (at most one per shard; measured
+# 1.93x on 2 and 3.25x on 4, docs/scaling.md), training stays on one GPU (data parallelism was slower
+# for the bundled model). SCALE_RANKS=N overrides the number of scale processes (1: no torchrun).
 # STAGE1_SKIP_INSTALL=1 uses the python on PATH.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -46,18 +49,27 @@ case "$profile" in
   cpu) : "${TEST_COUNT:=25}" "${PILOT_COUNT:=16}" "${SCALE_COUNT:=16}" "${SHARDS:=2}" "${EPOCHS:=1}" "${BATCH:=16}" "${TRAIN_ARGS=}" ;;
   *) echo "--profile must be gpu, cpu or auto" >&2; exit 2 ;;
 esac
+if [ -z "${SCALE_RANKS:-}" ]; then
+  SCALE_RANKS=1
+  [ "$profile" = gpu ] && SCALE_RANKS=$(python -c "import torch; print(max(1, min(torch.cuda.device_count(), $SHARDS)))")
+fi
+case "$SCALE_RANKS" in
+  ''|*[!0-9]*|0) echo "SCALE_RANKS must be a whole number >= 1, got '$SCALE_RANKS'" >&2; exit 2 ;;
+esac
+scale_launcher=(python)
+[ "$SCALE_RANKS" -gt 1 ] && scale_launcher=(python -m torch.distributed.run --standalone --nproc-per-node "$SCALE_RANKS")
 test_set=$root/data/test_instructions.jsonl
 pilot=$root/artifacts/pilot
 dataset=$root/data/stage1_sft_data.jsonl
 checkpoint=$root/checkpoints/stage1_sft
 results=$root/results/sft_eval
-echo "[stage1] profile=$profile test=$TEST_COUNT pilot=$PILOT_COUNT scale=$SCALE_COUNT shards=$SHARDS epochs=$EPOCHS batch=$BATCH"
+echo "[stage1] profile=$profile test=$TEST_COUNT pilot=$PILOT_COUNT scale=$SCALE_COUNT shards=$SHARDS scale_ranks=$SCALE_RANKS epochs=$EPOCHS batch=$BATCH"
 started=$(date +%s)
 
 stage stage1 "test set" python scripts/generate_test_instructions.py --count "$TEST_COUNT" --output "$test_set"
 stage stage1 "pilot" python scripts/generate_stage1_pilot_data.py --count "$PILOT_COUNT" --output "$pilot" --batch-size "$BATCH" \
   "${model_args[@]}" "${gen_args[@]}"
-stage stage1 "scale" python scripts/generate_stage1_scale_data.py --pilot-manifest "$pilot/session_manifest.json" \
+stage stage1 "scale" "${scale_launcher[@]}" scripts/generate_stage1_scale_data.py --pilot-manifest "$pilot/session_manifest.json" \
   --count "$SCALE_COUNT" --num-shards "$SHARDS" --output "$dataset" --batch-size "$BATCH" --exclude-test-set "$test_set"
 if [ -f "$checkpoint/final_adapter/TRAINING_SUCCESS" ] && [ "$checkpoint/final_adapter/TRAINING_SUCCESS" -nt "${dataset%.jsonl}.manifest.json" ]; then
   echo "[stage1] === train: $checkpoint/final_adapter/TRAINING_SUCCESS is newer than the dataset; skipped"

@@ -78,9 +78,13 @@ def test_training_benchmark_compares_with_plain_in_4bit(tmp_path, trained_model_
     out = tmp_path / "training.json"
     result = _run("benchmark_training.py", ["--models", "tiny", "--tiny-model", trained_model_dir, "--quantization", "4bit",
                                             "--configurations", "plain", "padding_free", "--steps", 3, "--warmup-steps", 1,
-                                            "--batch-size", 4, "--scratch-dir", tmp_path / "scratch", "--output", out])
+                                            "--batch-size", 4, "--eval-examples", 4, "--scratch-dir", tmp_path / "scratch", "--output", out])
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [row["configuration"] for row in rows] == ["plain", "padding_free"]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert report["complete"] is True and [row["configuration"] for row in rows] == ["plain", "padding_free"]
     assert all(row["quantization"] == "bnb-nf4" and row["tokens_per_s"] > 0 and row["timed_steps"] == 2 for row in rows)
     assert rows[1]["ratio_to_plain"] == round(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], 3)
+    assert rows[1]["eval_loss_vs_plain"] == round(rows[1]["eval_loss"] / rows[0]["eval_loss"] - 1, 4)
+    assert rows[0]["padding_share"] > 0 == rows[1]["padding_share"]  # padded batches vs one flattened row
+    assert all(row["mfu"] is None and row["flops_per_token"] > 0 for row in rows)  # no known peak on a CPU

@@ -25,8 +25,9 @@ def test_driver_runs_every_stage_and_stops_at_the_failed_gate(trained_model_dir,
     from tiny_models import TRAINED_PIPELINE_FLAGS, TRAINED_PIPELINE_OVERRIDES
 
     # GEN_ARGS: the tiny model's critic signals need these to pass the probe (tests/tiny_models.py says why).
+    # SCALE_RANKS=2: the scale stage runs as two torchrun ranks (CPU ranks here, one per GPU on a GPU host).
     env = _env(TEST_COUNT="10", PILOT_COUNT="6", SCALE_COUNT="12", SHARDS="2", EPOCHS="1", BATCH="8",
-               GEN_ARGS=" ".join(TRAINED_PIPELINE_FLAGS))
+               GEN_ARGS=" ".join(TRAINED_PIPELINE_FLAGS), SCALE_RANKS="2")
     result = subprocess.run(DRIVER + ["--profile", "cpu", "--model", str(trained_model_dir), "--root", str(tmp_path), "--stage2"],
                             capture_output=True, text=True, env=env, timeout=900)
     out = result.stdout + result.stderr
@@ -36,6 +37,8 @@ def test_driver_runs_every_stage_and_stops_at_the_failed_gate(trained_model_dir,
     # --stage2 continues only after every Stage 1 gate passed.
     assert result.returncode == 4 and "stopped at 'evaluate' (exit 4)" in out, out[-3000:]
     assert "[stage2]" not in out and not (tmp_path / "artifacts" / "stage2").exists()
+    assert "=== scale: python -m torch.distributed.run --standalone --nproc-per-node 2 scripts/generate_stage1_scale_data.py" in out
+    assert "rank 1: my shards are done; rank 0 merges" in out, out[-3000:]
     assert (tmp_path / "data" / "stage1_sft_data.manifest.json").exists()
     assert (tmp_path / "checkpoints" / "stage1_sft" / "final_adapter" / "TRAINING_SUCCESS").exists()
     assert (tmp_path / "results" / "sft_eval" / "evaluation_results.json").exists()
@@ -79,6 +82,14 @@ def test_stage2_driver_chains_pairs_dpo_and_evaluation(trained_model_dir, tmp_pa
     results = json.loads((tmp_path / "results" / "stage2_eval" / "evaluation_results.json").read_text())
     assert results["gate_comparison"] == "adapter_vs_reference"
     assert results["models"]["reference"]["adapter_path"] == str(tmp_path / "checkpoints" / "stage1_sft" / "final_adapter")
+
+
+@pytest.mark.parametrize("ranks", ["0", "two", "-1"])
+def test_driver_refuses_a_bad_number_of_scale_ranks(ranks, tmp_path):
+    result = subprocess.run(DRIVER + ["--profile", "cpu", "--root", str(tmp_path)], capture_output=True, text=True,
+                            env=_env(SCALE_RANKS=ranks), timeout=120)
+    assert result.returncode == 2 and f"SCALE_RANKS must be a whole number >= 1, got '{ranks}'" in result.stderr
+    assert not (tmp_path / "data").exists()  # refused before the first stage
 
 
 def test_driver_refuses_a_bad_profile(tmp_path):

@@ -359,7 +359,7 @@ def test_pilot_end_to_end_exit_0_then_4(trained_model_dir, tmp_path):
         assert record["pair_critic"]["prompt_version"] == "pair_critic_v1" and record["pair_critic"]["label_swap"] is True
         assert record["candidate_id"] == record["id"] + "-c0" and record["selection"]["candidates"] == 1
         assert record["relevance"]["relevance"] > 0 and record["relevance"]["n_tokens"] == record["n_response_tokens"] + 1 \
-            or record["constraint_mode"] == "rewritten"  # the relabeled response is what n_response_tokens counts
+            or record["constraint_mode"] in ("rewritten", "list_format")  # the rewritten response is what n_response_tokens counts
     assert manifest["outputs"]["data"]["sha256"] and manifest["git_hash"] and manifest["outputs"]["probe"]["sha256"]
     assert manifest["prompt_versions"]["response_generation"] == "response_v4" and manifest["prompt_versions"]["response"] == "response_v2"
     assert manifest["critic_signals"]["source"] == "probe" and set(manifest["critic_signals"]["aucs"]) == {

@@ -267,3 +267,19 @@ def test_nan_loss_exits_1_naming_the_step(tmp_path, tiny_model_dir, monkeypatch,
     assert code == 1, err
     assert "training loss is nan at step 2" in err
     assert not (tmp_path / "out" / "final_adapter" / "TRAINING_SUCCESS").exists()
+
+
+def test_speed_flags_are_recorded_in_the_manifest_and_the_sft_config(tmp_path, tiny_model_dir, capsys):
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    assert run_main(["--data", data, "--model", tiny_model_dir, "--output", out, "--quantization", "none", "--group-by-length",
+                     "--eval-steps", "1", "--eval-batch-size", "4", *FAST]) == 0, capsys.readouterr().err
+    manifest = json.loads((out / "training_manifest.json").read_text())
+    args, config = manifest["args"], manifest["sft_config"]
+    assert args["group_by_length"] is True and args["eval_steps"] == 1 and args["eval_batch_size"] == 4
+    assert args["kbit_upcast"] is True and args["torch_compile"] == "off" and args["liger_kernel"] is False
+    assert config["train_sampling_strategy"] == "group_by_length" and config["eval_steps"] == 1
+    assert config["per_device_eval_batch_size"] == 4 and config["torch_compile"] is False
+    assert [h["step"] for h in manifest["loss_history"]["eval"]] == [1, 2]  # every step, not every --save-steps
+    identity = json.loads((out / "run_identity.json").read_text())
+    assert identity["hyperparameters"]["group_by_length"] is True

@@ -4,6 +4,8 @@
     loader = CleanModelLoader("path/to/folder")      # local HF folder
     loader = CleanModelLoader("model.gguf")          # GGUF file (converted once, cached)
     loader = CleanModelLoader("Qwen/Qwen2.5-32B", load_in_4bit=True)   # hub id, where reachable
+    loader = CleanModelLoader(path, load_in_4bit=True, device="cuda:1")  # one rank's GPU (device_map {"": "cuda:1"})
+    loader = CleanModelLoader(path, load_in_4bit=True, quant_storage="bfloat16")  # 4-bit weights FSDP can shard
     model, tokenizer, provenance = loader.load()
     ids = encode_prompt(tokenizer, CompletionStylePrompts.create_response_prompt("Name a color."))  # prompt_guards
 
@@ -11,6 +13,13 @@ Guards: the chat template is removed; the loader alone decides on BOS and instal
 (`prompt_guards`), so prompts are encoded without the tokenizer's special-token logic and no
 chat-control token can enter one; a model that looks instruction-tuned is refused unless
 `allow_instruct_model=True`, which provenance records.
+
+Placement: `device` "auto" is the one GPU (or the CPU); "cuda:N" puts the whole model on GPU N, as a
+data-parallel rank needs (a 4-bit model through device_map {"": "cuda:N"}). `quant_storage` is the
+dtype bitsandbytes packs the 4-bit weights into (default uint8): FSDP shards only floating-point
+tensors, so FSDP-QLoRA passes "bfloat16" (the peft/bitsandbytes FSDP-QLoRA recipe). A model split
+over several GPUs (device_map="auto") is not offered: the generation engine captures each decode
+step on one device (docs/scaling.md says what runs instead).
 
 Bad sources fail with one BadInputError line naming them (exit 2), never a traceback: an unknown
 dtype, a path that does not exist, a file that is not GGUF, a folder without config.json or
@@ -108,11 +117,14 @@ class CleanModelLoader:
     def __init__(self, model_name_or_path: str | None = None, *, load_in_4bit: bool = False,
                  dtype: str | None = None, device: str = "auto", revision: str | None = None,
                  allow_instruct_model: bool = False, run_sentinels: bool = True,
-                 tokenizer_only: bool = False):
+                 tokenizer_only: bool = False, quant_storage: str | None = None):
         if dtype is not None and dtype not in DTYPE_NAMES:
             # Checked here, before anything is read, so a typo costs nothing.
             raise BadInputError(f"dtype {dtype!r} is not allowed; use one of {', '.join(DTYPE_NAMES)} "
                                 "(or none: bfloat16 on CUDA, float32 on CPU)")
+        if quant_storage is not None and (quant_storage not in DTYPE_NAMES or not load_in_4bit):
+            raise BadInputError(f"quant_storage {quant_storage!r}: needs load_in_4bit and one of {', '.join(DTYPE_NAMES)}")
+        self.quant_storage = quant_storage
         self.source_name = model_name_or_path
         self.load_in_4bit = load_in_4bit
         self.dtype_name = dtype
@@ -216,7 +228,8 @@ class CleanModelLoader:
 
                 kwargs["quantization_config"] = BitsAndBytesConfig(
                     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=dtype)
+                    bnb_4bit_compute_dtype=dtype,
+                    **({"bnb_4bit_quant_storage": getattr(torch, self.quant_storage)} if self.quant_storage else {}))
                 kwargs["device_map"] = {"": device if device != "cuda" else 0}
             model = self._from_source(kind, location, "weights",
                                       lambda: AutoModelForCausalLM.from_pretrained(location, **kwargs))
@@ -230,6 +243,7 @@ class CleanModelLoader:
                 self._generation_config_signals(model.generation_config, chat_ids, signals)
             provenance.update({"dtype": str(dtype).replace("torch.", ""), "device": device,
                                "quantization": "bnb-nf4" if self.load_in_4bit else None,
+                               **({"quant_storage": self.quant_storage} if self.quant_storage else {}),
                                "num_parameters": sum(p.numel() for p in model.parameters()),
                                "model_type": model.config.model_type,
                                "commit_hash": getattr(model.config, "_commit_hash", None)})

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .exit_codes import BadInputError
 
 __all__ = ["Range", "in_range", "positive_int", "non_negative_int", "positive_float", "probability",
-           "check_value", "check_values", "add_training_run_flags", "parse_training_args"]
+           "check_value", "check_values", "add_training_run_flags", "parse_training_args", "add_training_speed_flags"]
 
 
 @dataclass(frozen=True)
@@ -113,3 +113,43 @@ def parse_training_args(parser: argparse.ArgumentParser, argv=None) -> argparse.
     if args.max_steps == 0:
         parser.error("argument --max-steps: got 0, expected -1 (run --epochs) or an integer >= 1")
     return args
+
+
+class _LigerKernelFlag(argparse.Action):
+    """--liger-kernel: refused at parse time (argparse's exit 2) where the kernels cannot run."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .sft_training import liger_kernel_problem
+
+        problem = liger_kernel_problem()
+        if problem:
+            parser.error(f"argument {option_string}: {problem}")
+        setattr(namespace, self.dest, True)
+
+
+def add_training_speed_flags(add) -> None:
+    """Training speed options that keep the training semantics (examples per optimizer step, epochs,
+    learning-rate schedule); `add` is the parser's add_argument. Defaults are today's behaviour; what
+    each one gains is measured by benchmark_training.py (its configuration of the same name)."""
+    add("--kbit-upcast", action=argparse.BooleanOptionalAction, default=True,
+        help="4-bit base: let peft cast every weight that is not 4-bit (norms; the embedding, which gemma ties to the "
+             "output projection) to float32; --no-kbit-upcast keeps them in the loaded 16-bit dtype, as TRL's own k-bit "
+             "preparation does (numerics change slightly; no effect without 4-bit) [benchmark: no_upcast]")
+    add("--group-by-length", action="store_true",
+        help="batch examples of similar length together (transformers' LengthGroupedSampler): less padding, the same "
+             "number of examples per step; changes which examples share a batch [benchmark: group_by_length]")
+    add("--torch-compile", choices=["off", "model", "regional"], default="off",
+        help="torch.compile through the Trainer, with dynamic shapes (fuses the small kernels of a launch-bound step; the "
+             "first steps pay the compilation): model = the whole model, regional = each decoder layer class compiled once "
+             "and reused (accelerate's regional compilation: much shorter compilation) [benchmark: torch_compile, compile_regional]")
+    add("--liger-kernel", action=_LigerKernelFlag,
+        help="Liger's Triton kernels for norms, rotary embedding and the MLP activation (TRL keeps its own fused LM head "
+             "and loss); needs the optional liger-kernel package and CUDA, else exit 2 [benchmark: liger]")
+    add("--eval-steps", type=positive_int, default=None,
+        help="evaluate every N optimizer steps (default: --save-steps); each evaluation pauses training")
+    add("--eval-batch-size", type=positive_int, default=None,
+        help="examples per evaluation batch (default: --per-device-batch-size); fewer, larger batches evaluate faster, and "
+             "the evaluation loss (a mean of per-batch token means) moves slightly with the batch size")

@@ -13,6 +13,10 @@ is answered under constraints: the model writes its candidates to the constraine
 demonstrations show answers that obey such rules), the checkers reject every candidate that misses
 one (`response_selection.filter_reasons`), and the pair is kept as generated (mode "generated").
 
+An accepted instruction that asks for a list (`utils.list_answers`) is neither: its kept answer
+(whose candidates had to be lists) is written one item per line with the asked number of items,
+mode "list_format", the instruction unchanged.
+
 Which pairs are chosen, and everything drawn for them, depends only on the run's seed and the
 pair's id (a hash, not a position), so a resumed run or another shard layout chooses the same.
 
@@ -231,16 +235,19 @@ def constraint_summary(records: list[dict]) -> dict:
     }
 
 
-def constrain_accepted(files: dict, keys, config, tokenizer, generated: dict | None = None) -> None:
+def constrain_accepted(files: dict, keys, config, tokenizer, generated: dict | None = None, list_requests: dict | None = None) -> None:
     """Phase 5: relabel the chosen accepted judged pairs of `keys` not relabeled yet, one record
     each in files["constrained"] (a chosen pair that no constraint fits is recorded with none).
     `generated` maps an instruction id whose answers were written under constraints to (its task
-    before them, the constrained instruction, the constraints): such a pair is recorded as it is, mode "generated", never relabeled."""
+    before them, the constrained instruction, the constraints): such a pair is recorded as it is, mode "generated", never relabeled.
+    `list_requests` maps an instruction id to the list it asks for: its answer is written as that line
+    list (mode "list_format", the instruction unchanged; `list_answers.list_answer`), never relabeled."""
     from .completion_prompts import CompletionStylePrompts
+    from .list_answers import list_answer
     from .prompt_guards import encode_continuation
     from .records import ConstrainedPairRecord, unique_by_id
 
-    wanted, generated = set(keys), generated or {}
+    wanted, generated, list_requests = set(keys), generated or {}, list_requests or {}
     judged = sorted(unique_by_id(files["judged"].records), key=lambda r: r["id"])
     for record in judged:
         key = record["id"]
@@ -250,6 +257,12 @@ def constrain_accepted(files: dict, keys, config, tokenizer, generated: dict | N
             task, _, constraints = generated[key]
             relabeled = ConstrainedPair(record["instruction"], record["response"], constraints, ["generated"] * len(constraints),
                                         "generated")
+        elif key in list_requests:
+            answer = list_answer(list_requests[key], record["response"])
+            if answer is None:  # the candidate filter let no non-list through: a bug, never a record
+                raise RuntimeError(f"accepted pair {key} asks for a list but its answer is none: {record['response']!r}")
+            relabeled = ConstrainedPair(record["instruction"], answer.response, [answer.constraint], [answer.mode], "list_format")
+            task = record["instruction"]
         elif selected_for_constraints(config.seed, key, config.constraint_fraction):
             relabeled = constrain_pair(record["instruction"], record["response"], config.constraint_families, pair_rng(config.seed, key))
             task = record["instruction"]

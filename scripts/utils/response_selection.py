@@ -4,8 +4,9 @@ Phase 4 of the generation stages, in three steps:
 
 1. `score_candidates`: each sampled response candidate (`<instruction id>-c<j>`) gets the cheap
    filters (empty, chat marker, repetition loop `qc.is_runaway`, token-limit hit, a leaked delimiter
-   or end marker, failed constraint checks where its instruction carries constraints), the A/B pair
-   critic asked both ways (one label-swapped critique gives both readings), and the likelihood
+   or end marker, failed constraint checks where its instruction carries constraints, no list where
+   its instruction asks for one), the A/B pair critic asked both ways (one label-swapped critique
+   gives both readings; skipped once the probe has found it untrusted), and the likelihood
    relevance (`InstructionCritic.relevance_scores`). Every candidate with its scores is written to
    its own phase file, which a later preference stage reads.
 2. `measure_signals` (the pilot only): a probe set (`critic_probe.build_probe_set`) from the first
@@ -107,8 +108,9 @@ def signal_passes(name: str, values: dict, config) -> bool:
     return value is not None and value >= config.confidence_threshold
 
 
-def filter_reasons(record: dict, constraint_checks: list[dict] | None = None) -> list[str]:
-    """The cheap filters a response candidate fails, in a fixed order (empty when it passes them all)."""
+def filter_reasons(record: dict, constraint_checks: list[dict] | None = None, not_a_list: bool = False) -> list[str]:
+    """The cheap filters a response candidate fails, in a fixed order (empty when it passes them all);
+    `not_a_list`: its instruction asks for a list and the answer cannot be made one (`utils.list_answers`)."""
     reasons = []
     if not record["response"]:
         reasons.append("empty_response")
@@ -122,6 +124,8 @@ def filter_reasons(record: dict, constraint_checks: list[dict] | None = None) ->
         reasons.append("delimiter_leak")
     if constraint_checks is not None and not all(check["passed"] for check in constraint_checks):
         reasons.append("constraint_failed")
+    if not_a_list:
+        reasons.append("not_a_list")
     return reasons
 
 
@@ -129,28 +133,36 @@ def _records(appender) -> list[dict]:
     return unique_by_id(appender.records)
 
 
-def score_candidates(critic, files: dict, instruction_keys, config, constraints_by_instruction: dict | None = None) -> None:
+def score_candidates(critic, files: dict, instruction_keys, config, constraints_by_instruction: dict | None = None,
+                     list_requests: dict | None = None, pair_critic: bool = True) -> None:
     """Score every response candidate of `instruction_keys` not scored yet (files["responses"] ->
     files["scored"]). `constraints_by_instruction` maps an instruction id to the constraints (record
-    form) its answers must satisfy (the instructions answered under constraints)."""
+    form) its answers must satisfy (the instructions answered under constraints); `list_requests`
+    maps an instruction id to the list it asks for (`list_answers.ListRequest`): a candidate that
+    cannot be made that list is filtered. `pair_critic=False` skips the A/B critique (where the
+    probe did not trust it, it decides nothing and was the largest cost of the phase)."""
     from .constraint_data import recheck
+    from .list_answers import list_answer
 
-    wanted = set(instruction_keys)
+    wanted, list_requests = set(instruction_keys), list_requests or {}
     todo = [r for r in sorted(_records(files["responses"]), key=lambda r: r["id"])
             if r["instruction_id"] in wanted and r["id"] not in files["scored"]]
     # The critic cannot read an empty answer or encode a chat marker: such candidates get no scores.
     scorable = [r for r in todo if r["response"] and not contains_chat_marker(r["response"])]
     pairs = [(r["instruction"], r["response"]) for r in scorable]
-    decisions = dict(zip([r["id"] for r in scorable], critic.critique_pairs_batch(pairs, label_swap=True), strict=True))
+    critiques = critic.critique_pairs_batch(pairs, label_swap=True) if pair_critic else [None] * len(pairs)
+    decisions = dict(zip([r["id"] for r in scorable], critiques, strict=True))
     relevance = dict(zip([r["id"] for r in scorable], critic.relevance_scores(pairs), strict=True))
     for record in todo:
         constraints = (constraints_by_instruction or {}).get(record["instruction_id"])
         checks = recheck(constraints, record["response"]) if constraints else None
+        request = list_requests.get(record["instruction_id"])
+        not_a_list = request is not None and list_answer(request, record["response"]) is None
         decision, scores = decisions.get(record["id"]), relevance.get(record["id"])
         files["scored"].append(ScoredResponseRecord.from_record(
             record, pair_critic=decision, relevance=scores, signals=signal_values(decision, scores),
             runaway=is_runaway(record["raw_response"]), token_limit=record["finish_reason"] == "length",
-            constraint_checks=checks, filter_reasons=filter_reasons(record, checks)).to_dict())
+            constraint_checks=checks, filter_reasons=filter_reasons(record, checks, not_a_list)).to_dict())
 
 
 def probe_pairs(scored: list[dict], round_index: int = 0) -> list[dict]:

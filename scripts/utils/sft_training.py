@@ -44,7 +44,7 @@ from .provenance_helper import model_identity, read_manifest, same_model, sha256
 __all__ = [
     "REQUIRED_FIELDS", "NonFiniteLossError", "load_sft_records", "split_train_val", "build_sft_examples",
     "make_lora_config", "prepare_quantized_model", "resolve_quantization", "resolve_gradient_checkpointing",
-    "resolve_padding_free", "build_sft_config", "build_trainer", "TrainingGuardCallback", "install_sigterm_handler",
+    "resolve_padding_free", "liger_kernel_problem", "build_sft_config", "build_trainer", "TrainingGuardCallback", "install_sigterm_handler",
     "train_with_sigterm_guard", "final_eval_loss",
     "latest_complete_checkpoint", "whole_run_train_loss", "plot_loss_curve", "load_adapter",
     "RUN_HYPERPARAMETERS", "RUN_IDENTITY_FILE", "MARKER_NAME", "ResumePlan", "run_hyperparameters", "check_resume",
@@ -55,11 +55,15 @@ REQUIRED_FIELDS = ("id", "instruction", "response")
 RUN_IDENTITY_FILE = "run_identity.json"
 MARKER_NAME = "TRAINING_SUCCESS"
 # The flags that change what a run computes (its data split, schedule, batches, adapter shape, base
-# weights' precision). Checkpointing, logging and padding-free layout are left out: they change
-# speed and bookkeeping, not the result. `quantization` is compared as resolved ("auto" -> 4bit/none).
+# weights' precision). Checkpointing, logging, evaluation cadence, padding-free layout and kernels
+# (torch.compile, Liger) are left out: they change speed and bookkeeping, not the result.
+# `quantization` is compared as resolved ("auto" -> 4bit/none). `group_by_length` decides which
+# examples share a batch, so a resumed epoch must keep it (else it skips other examples).
 RUN_HYPERPARAMETERS = ("epochs", "lr", "per_device_batch_size", "grad_accum", "max_steps", "seed", "val_fraction",
                        "max_seq_length", "packing", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                       "quantization")
+                       "quantization", "group_by_length", "kbit_upcast")
+# Hyperparameters added after runs were recorded: an older run_identity.json without them ran with these values.
+_UNRECORDED_MEANS = {"group_by_length": False, "kbit_upcast": True}
 _PACKED_MASK_ATTENTION = {"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"}
 
 
@@ -141,12 +145,40 @@ def resolve_gradient_checkpointing(requested: str, model) -> bool:
     return sum(p.numel() for p in model.parameters()) >= GRADIENT_CHECKPOINTING_MIN_PARAMS
 
 
-def prepare_quantized_model(model, gradient_checkpointing: bool = True):
-    """peft's k-bit preparation (fp32 norms, input grads, optional gradient checkpointing) for a 4-bit base."""
+def prepare_quantized_model(model, gradient_checkpointing: bool = True, upcast: bool = True):
+    """peft's k-bit preparation (frozen base, input grads, optional gradient checkpointing) for a 4-bit base.
+
+    peft also casts every weight that is not 4-bit to float32: the norms and, on a model with tied
+    embeddings such as gemma-3-270m, the 262k x 640 embedding that is also the output projection
+    (168M of its 268M parameters). `upcast=False` casts them back to the dtype they were loaded in
+    (exact: bf16 -> fp32 -> bf16 is lossless), which is what TRL's own k-bit preparation does since
+    huggingface/trl#4457 ("results are the same and the memory consumption is reduced"); the LoRA
+    weights are TRL's to cast (bf16 for a quantized base) either way.
+    """
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+    loaded = {id(p): p.dtype for p in model.parameters()}
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not upcast:
+        for param in model.parameters():  # deduplicated: a tied weight is cast once
+            if param.dtype != loaded.get(id(param), param.dtype):
+                param.data = param.data.to(loaded[id(param)])
+    return model
+
+
+def liger_kernel_problem() -> str | None:
+    """Why Liger kernels cannot run here (None when they can): the package, Triton and CUDA are all needed."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel; it is optional and not part of setup_env.sh)"
+    if importlib.util.find_spec("triton") is None or not torch.cuda.is_available():
+        return "Liger kernels are Triton GPU kernels: they need CUDA and Triton, and this machine has " + (
+            "no Triton" if importlib.util.find_spec("triton") is None else "no CUDA device")
+    return None
 
 
 def resolve_padding_free(requested: bool | None, model, batch_size: int, packing: bool) -> tuple[bool, str]:
@@ -180,17 +212,41 @@ def resolve_padding_free(requested: bool | None, model, batch_size: int, packing
 def build_sft_config(args, output_dir, *, padding_free: bool, has_eval: bool, gradient_checkpointing: bool):
     """TRL's SFTConfig from train_stage1_sft.py's arguments (epochs, lr, per_device_batch_size,
     grad_accum, max_steps, save_steps, save_total_limit, logging_steps, seed, packing,
-    max_seq_length) and the values resolved once the model is loaded."""
+    max_seq_length; and, where present, the speed flags of `add_training_speed_flags`: group_by_length,
+    torch_compile ("off", "model" or "regional"), liger_kernel, eval_steps, eval_batch_size) and the values
+    resolved once the model is loaded. A torch_compile other than "off" sets accelerate's dynamo environment
+    variables for this process (dynamic shapes; regional compilation or not).
+
+    A Liger request that cannot run here is bad input (exit 2). With several processes (WORLD_SIZE > 1),
+    DDP is told that every trainable parameter gets a gradient: the LoRA weights all do, and otherwise
+    it would search the graph for unused ones after every backward pass.
+    """
     import torch
     from trl import SFTConfig
 
+    liger = bool(getattr(args, "liger_kernel", False))
+    problem = liger_kernel_problem() if liger else None
+    if problem:
+        raise BadInputError(f"--liger-kernel: {problem}")
+    compile_mode = getattr(args, "torch_compile", "off") or "off"
+    if compile_mode != "off":
+        # accelerate reads these when the Trainer builds its dynamo plugin: shapes marked dynamic from the start (batch
+        # lengths change every step; otherwise the second length recompiles), and "regional" compiles each decoder
+        # layer class once instead of the whole model.
+        os.environ["ACCELERATE_DYNAMO_USE_DYNAMIC"] = "1"
+        os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "1" if compile_mode == "regional" else "0"
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    eval_steps = getattr(args, "eval_steps", None) or args.save_steps
     return SFTConfig(
         output_dir=str(output_dir), num_train_epochs=args.epochs, learning_rate=args.lr,
-        per_device_train_batch_size=args.per_device_batch_size, per_device_eval_batch_size=args.per_device_batch_size,
+        per_device_train_batch_size=args.per_device_batch_size,
+        per_device_eval_batch_size=getattr(args, "eval_batch_size", None) or args.per_device_batch_size,
         gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, save_strategy="steps",
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
-        eval_strategy="steps" if has_eval else "no", eval_steps=args.save_steps if has_eval else None,
+        eval_strategy="steps" if has_eval else "no", eval_steps=eval_steps if has_eval else None,
+        train_sampling_strategy="group_by_length" if getattr(args, "group_by_length", False) else "random",
+        torch_compile=compile_mode != "off", use_liger_kernel=liger,
+        ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         seed=args.seed, data_seed=args.seed, bf16=bf16, fp16=False, report_to="none", logging_nan_inf_filter=False,
         completion_only_loss=True,  # pre-tokenized data: completion_mask -> labels -100 on the prompt
         padding_free=padding_free, packing=args.packing, packing_strategy="bfd",
@@ -427,8 +483,9 @@ def check_resume(output, resume: bool, data_sha: str, hyperparameters: dict, all
                            f"{recorded['dataset_sha256'][:12]}...), not on this dataset (sha256 {data_sha[:12]}...); "
                            "use another --output")
     before = recorded["hyperparameters"]
-    changes = [{"field": name, "recorded": before.get(name, "(not recorded)"), "new": value}
-               for name, value in hyperparameters.items() if before.get(name, "(not recorded)") != value]
+    recorded_value = {name: before.get(name, _UNRECORDED_MEANS.get(name, "(not recorded)")) for name in hyperparameters}
+    changes = [{"field": name, "recorded": recorded_value[name], "new": value}
+               for name, value in hyperparameters.items() if recorded_value[name] != value]
     if changes and not allow_changes:
         listed = "; ".join(f"--{c['field'].replace('_', '-')}: recorded {c['recorded']!r}, now {c['new']!r}" for c in changes)
         raise BadInputError(f"--resume: {resume_from} was trained with other hyperparameters ({listed}); rerun with the "

@@ -4,10 +4,11 @@ function that turns a folder into a finished run (`generate_into_folder`).
 1 the base model continues few-shot numbered lists (new instructions); 2 pre-filters (length, a
 keyword blacklist of tasks a text model cannot do, non-text), duplicate removal against the whole
 pool and the instruction critic; 3 `num_candidates` responses per instruction, generated with the
-response template (`response_v3`: after hand-written demonstrations); 4 every candidate scored, the
+response template (`response_v4`: after hand-written demonstrations); 4 every candidate scored, the
 critic signals proven on a probe (the pilot's first round), the best passing candidate judged
-(`utils.response_selection`); 5 a seeded fraction of the accepted pairs relabeled with verifiable
-constraints (`utils.constraint_data`); then QC.
+(`utils.response_selection`; a candidate of an instruction that asks for a list must be one,
+`utils.list_answers`); 5 a list request's kept answer written one item per line, and a seeded
+fraction of the other accepted pairs relabeled with verifiable constraints (`utils.constraint_data`); then QC.
 Each phase appends typed records (`utils.records`) to its own JSONL in the folder, keyed by
 candidate id, so a killed run resumes where it stopped with no record lost or written twice. Work
 proceeds in rounds until `count` pairs are accepted (or `max_rounds` is reached); a round's size
@@ -64,6 +65,7 @@ from .exit_codes import BadInputError
 from .generation import GenerationEngine, SamplingParams
 from .instruction_critic import InstructionCritic
 from .jsonl_io import JsonlAppender, check_output_file
+from .list_answers import requested_list
 from .prompt_guards import contains_chat_marker, encode_continuation
 from .provenance_helper import MODEL_IDENTITY_KEYS, model_identity, read_manifest, same_model
 from .qc import QC_THRESHOLD_RANGES, QC_THRESHOLDS, compute_qc
@@ -112,6 +114,7 @@ class Stage1Config:
     min_signal_auc: float = DEFAULT_MIN_AUC
     constraint_fraction: float = 0.3
     generated_constraint_fraction: float = 0.3
+    list_answers: bool = True
     constraint_families: list = field(default_factory=lambda: list(TRAINED_FAMILIES))
     num_examples: int = 5
     min_words: int = 3
@@ -174,6 +177,9 @@ TUNABLE_SETTINGS = (
     Setting(("generated_constraint_fraction",), probability,
             "fraction of accepted instructions answered under sampled constraints (candidates that fail a checker are "
             "rejected; the rest are relabeled at --constraint-fraction)"),
+    Setting(("list_answers",), None, "an instruction that asks for a list gets one: its candidates that are neither a line list "
+                                     "nor an inline enumeration are filtered (not_a_list), and the kept answer is written one item "
+                                     "per line with the asked number of items, checked (constraint mode list_format)"),
     Setting(("constraint_families",), family_names, "constraint families the relabeling may use (trained families only)"),
     Setting(("max_rounds",), positive_int, "generation rounds allowed to reach the count"),
     *(Setting(("qc_thresholds", key), allowed, f"QC gate {key}") for key, allowed in QC_THRESHOLD_RANGES.items()),
@@ -547,10 +553,15 @@ def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path,
             with timed("instruction_filters_and_critic"):
                 filter_and_judge_instructions(critic, files, keys, config)
             generated = _generated_constraints(files, keys, config)
+            list_requests = _list_requests(files, keys, config, generated)
             with timed("responses"):
                 _phase3(engine, tokenizer, files, keys, config, generated)
             with timed("response_scoring"):
-                score_candidates(critic, files, keys, config, {key: constraints for key, (_, _, constraints) in generated.items()})
+                # Until the probe has spoken (the pilot's first round) every signal is computed; after it, an
+                # untrusted A/B critic decides nothing, so it is not asked.
+                ask_pair_critic = critic_signals is None or any(name.startswith("ab_") for name in critic_signals.trusted)
+                score_candidates(critic, files, keys, config, {key: constraints for key, (_, _, constraints) in generated.items()},
+                                 list_requests, pair_critic=ask_pair_critic)
             if critic_signals is None:
                 with timed("probe"):
                     critic_signals = measure_signals(critic, out_dir, _records(files["scored"]), config)
@@ -560,7 +571,7 @@ def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path,
                 break  # nothing may accept a pair: the gate fails with the probe's verdict
             with timed("judging_and_constraints"):
                 judge_instructions(files, keys, critic_signals, config)
-                constrain_accepted(files, keys, config, tokenizer, generated)
+                constrain_accepted(files, keys, config, tokenizer, generated, list_requests)
     finally:
         for appender in files.values():
             appender.close()
@@ -645,6 +656,20 @@ def _generated_constraints(files: dict, keys: list[str], config: Stage1Config) -
     return chosen
 
 
+def _list_requests(files: dict, keys: list[str], config: Stage1Config, generated: dict) -> dict:
+    """Accepted instruction id -> the list it asks for (`list_answers.requested_list`), where
+    `list_answers` is on; instructions answered under sampled constraints keep only those."""
+    if not config.list_answers:
+        return {}
+    wanted, requests = set(keys), {}
+    for record in _records(files["instructions"]):
+        if record["accepted"] and record["id"] in wanted and record["id"] not in generated:
+            request = requested_list(record["instruction"])
+            if request is not None:
+                requests[record["id"]] = request
+    return requests
+
+
 def _phase3(engine: GenerationEngine, tokenizer, files: dict, keys: list[str], config: Stage1Config,
             generated: dict[str, tuple[str, str, list[dict]]]) -> None:
     """`num_candidates` responses per accepted instruction, each its own record (`<id>-c<j>`); an
@@ -685,6 +710,7 @@ def _summarize(files: dict, config: Stage1Config, critic_signals: CriticSignals 
     responses = _records(files["responses"])
     scored = _records(files["scored"])
     constrained = {r["id"]: r for r in _records(files["constrained"])}
+    all_keys = [r["id"] for r in instructions]
     phase_counts = {
         "candidates": len(_records(files["candidates"])),
         "prefilter_and_dedup": dict(Counter(r["filter"] or "passed" for r in instructions)),
@@ -700,6 +726,8 @@ def _summarize(files: dict, config: Stage1Config, critic_signals: CriticSignals 
         "constraint_selected": len(constrained),
         "constraint_unconstrainable": sum(not r["constraints"] for r in constrained.values()),
         "generated_constraint_instructions": len({r["instruction_id"] for r in scored if r.get("constraint_checks")}),
+        "list_request_instructions": len(_list_requests(files, all_keys, config, _generated_constraints(files, all_keys, config))),
+        "list_format_pairs": sum(r["constraint_mode"] == "list_format" for r in constrained.values()),
     }
     checks = generated_constraint_pass_rates(scored)
     phase_counts.update(generated_constraint_candidates=checks["candidates"], generated_constraint_passed=checks["passed"])
