@@ -7,7 +7,7 @@
 # Stops at the first stage that fails its gate and exits with that stage's code (3 refused,
 # 4 gate failed, 2 bad input, 1 crash). Every stage resumes, so rerunning continues where a
 # killed run stopped. Sizes: gpu = the source's (pilot 200, scale 2000, 3 epochs, 200 test
-# instructions); cpu = small counts (12 min 31 s measured on 2 cores, docs/measurements.md).
+# instructions); cpu = small counts (10 min 17 s measured on 2 cores, docs/measurements.md).
 # Any size can be overridden by environment variable (PILOT_COUNT=..., SCALE_COUNT=..., ...);
 # TRAIN_ARGS adds flags to the training stage, GEN_ARGS to the pilot (the scale stage inherits
 # them through the pilot manifest), e.g. GEN_ARGS="--calibration source".
