@@ -74,6 +74,7 @@ __all__ = [
     "normalize_text",
     "words",
     "count_words",
+    "NUMBER_WORDS",
     "split_sentences",
     "count_sentences",
     "paragraphs",
@@ -221,9 +222,11 @@ def _is_caps_word(word: str) -> bool:
     return sum(map(_cased, word)) >= 2 and word == word.upper()
 
 
+NUMBER_WORDS = tuple("zero one two three four five six seven eight nine ten eleven twelve".split())
+
+
 def _number_word(n: int) -> str:
-    names = "zero one two three four five six seven eight nine ten eleven twelve".split()
-    return names[n] if 0 <= n < len(names) else str(n)
+    return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
 
 
 def _quoted_list(items: list[str]) -> str:

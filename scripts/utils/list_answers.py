@@ -28,14 +28,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .constraints import Constraint, check, list_items, normalize_text, to_record
+from .constraints import NUMBER_WORDS, Constraint, check, count_words, list_items, normalize_text, to_record
 
 __all__ = ["ListRequest", "ListAnswer", "requested_list", "inline_items", "list_answer", "MAX_ITEM_WORDS", "MAX_ITEMS"]
 
 MAX_ITEM_WORDS = 6  # a longer "item" is a clause: the text is prose, not an enumeration
 MAX_ITEMS = 10
-_NUMBERS = {word: value for value, word in enumerate(
-    "zero one two three four five six seven eight nine ten".split()) if value >= 2}
+_NUMBERS = {word: value for value, word in enumerate(NUMBER_WORDS) if 2 <= value <= MAX_ITEMS}
 _COUNT = re.compile(r"\b(10|[2-9]|" + "|".join(_NUMBERS) + r")\b(?!\s*(?:%|percent))", re.IGNORECASE)
 # A number followed by one of these counts something other than the list's items ("in 3 sentences").
 _NOT_ITEMS = re.compile(r"\s*(?:words?|sentences?|paragraphs?|lines?|letters?|characters?|minutes?|hours?|days?|weeks?|"
@@ -48,7 +47,6 @@ _BULLET_WORD = re.compile(r"\bbullet", re.IGNORECASE)
 _TRAILING = re.compile(r"[\s.!;]+$")
 _ETC = re.compile(r"(?:,\s*|\s+)(?:etc\.?|and so on|and more)\s*$", re.IGNORECASE)
 _LAST_JOIN = re.compile(r"\s+(?:and|or)\s+(?=\S)", re.IGNORECASE)
-_WORD = re.compile(r"[^\W_][\w'\u2019-]*")
 
 
 @dataclass(frozen=True)
@@ -95,13 +93,9 @@ def inline_items(response: str) -> tuple[str | None, list[str]] | None:
         lead, text = lead.strip() + ":", text.strip()
     text = _ETC.sub("", _TRAILING.sub("", text))
     parts = [part.strip() for part in re.split(r"\s*[,;]\s*", text)]
-    if parts and len(parts) >= 1:
-        last = parts.pop()
-        joined = _LAST_JOIN.split(last)
-        parts.extend(piece.strip() for piece in joined)
+    parts[-1:] = [piece.strip() for piece in _LAST_JOIN.split(parts[-1])]  # "B and C" ends the enumeration
     parts = [re.sub(r"^(?:and|or)\s+", "", part, flags=re.IGNORECASE) for part in parts]
-    if len(parts) < 2 or any(not part or re.search(r"[.!?:]", part) or len(_WORD.findall(part)) > MAX_ITEM_WORDS
-                             or not _WORD.search(part) for part in parts):
+    if len(parts) < 2 or any(re.search(r"[.!?:]", part) or not 1 <= count_words(part) <= MAX_ITEM_WORDS for part in parts):
         return None
     return lead, parts
 
