@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from utils.cli_validation import in_range, positive_int  # noqa: E402
+from utils.completion_prompts import ANSWER_ENDS  # noqa: E402
 from utils.exit_codes import EXIT_GATE_FAILED, EXIT_OK, run_cli  # noqa: E402
 
 # 25x the 4k-token prompts of common benchmarks: an instruction this long is a broken file, and
@@ -62,7 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--training-data", type=Path, default=None, help="SFT data for the contamination check (default: the recorded one)")
     add("--allow-contamination", action="store_true", help="list train/test overlaps but do not fail the gate on them")
     add("--batch-size", type=positive_int, default=32, help="sequences per generation batch (halved on out-of-memory)")
-    add("--max-new-tokens", type=positive_int, default=80, help="tokens generated per response")
+    add("--max-new-tokens", type=positive_int, default=256,
+        help="tokens generated per response (256 fits the longest length rule of the test set, 120 words)")
+    add("--answer-end", choices=ANSWER_ENDS, default="block",
+        help="where an answer ends: 'block' at EOS or the next prompt block, blank lines kept (an adapter "
+             "trained on response_v3/v4 answers writes paragraphs); 'blank_line' also at the first blank line (the source's rule)")
     add("--max-instruction-chars", type=positive_int, default=MAX_INSTRUCTION_CHARS,
         help="refuse (exit 2, file:line) a test instruction longer than this, before any model loads")
     add("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
@@ -134,8 +139,8 @@ def generate_both(args, model, tokenizer, provenance: dict, inputs: Inputs) -> t
     from utils.sft_training import load_adapter
 
     params = SamplingParams(temperature=0.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=args.max_new_tokens)
-    decoding = {**params.as_dict(), "greedy": True, "stop_strings": P.response_stop_strings(),
-                "prompt_version": P.versions["response"], "dtype": provenance.get("dtype")}
+    decoding = {**params.as_dict(), "greedy": True, "stop_strings": P.response_stop_strings(answer_end=args.answer_end),
+                "answer_end": args.answer_end, "prompt_version": P.versions["response"], "dtype": provenance.get("dtype")}
     base_key = {"base": ev.model_key(provenance), **decoding}
     keys = {"base": base_key, "sft": {**base_key, "adapter": inputs.adapter.files_sha256}}
     if inputs.reference is not None:
@@ -144,16 +149,17 @@ def generate_both(args, model, tokenizer, provenance: dict, inputs: Inputs) -> t
     args.output.mkdir(parents=True, exist_ok=True)
     engine = GenerationEngine(model, tokenizer, batch_size=args.batch_size, seed=0, show_progress=not args.no_progress)
     responses = {"base": ev.generate_responses("base", engine, inputs.records, args.output / "base_responses.jsonl",
-                                               params, keys["base"])}
+                                               params, keys["base"], args.answer_end)}
     if inputs.reference is None:
         engine.model = load_adapter(model, inputs.adapter.path)
     else:  # both adapters on the one loaded base, each made the active one in turn
         engine.model = model = load_adapter(model, inputs.reference.path, adapter_name="reference")
         responses["reference"] = ev.generate_responses("reference", engine, inputs.records,
-                                                       args.output / "reference_responses.jsonl", params, keys["reference"])
+                                                       args.output / "reference_responses.jsonl", params, keys["reference"],
+                                                       args.answer_end)
         engine.model = load_adapter(model, inputs.adapter.path, adapter_name="sft")
     responses["sft"] = ev.generate_responses("sft", engine, inputs.records, args.output / "sft_responses.jsonl",
-                                             params, keys["sft"])
+                                             params, keys["sft"], args.answer_end)
     return responses, decoding
 
 
@@ -179,7 +185,7 @@ def write_results(args, inputs: Inputs, provenance: dict, checks: dict, response
               f"Paired evaluation: base {provenance.get('model_id')}, + reference adapter {args.reference_checkpoint}, "
               f"+ adapter {args.sft_checkpoint}",
               f"test set {args.test_set} ({len(records)} records, {statistics['n_scored']} scored); greedy, "
-              f"max_new_tokens {args.max_new_tokens}, prompt {P.versions['response']}"]
+              f"max_new_tokens {args.max_new_tokens}, prompt {P.versions['response']}, answer end {args.answer_end}"]
     summary = ev.format_summary(statistics, gate, inputs.contamination, header, comparisons=comparisons)
     paths = {f"{side}_responses": args.output / f"{side}_responses.jsonl" for side in responses}
     paths["summary"] = args.output / "evaluation_summary.txt"

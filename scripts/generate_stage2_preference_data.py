@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from utils.cli_validation import in_range, non_negative_int, positive_float, positive_int, probability  # noqa: E402
+from utils.completion_prompts import ANSWER_ENDS  # noqa: E402
 from utils.constraint_data import family_names  # noqa: E402
 from utils.exit_codes import EXIT_GATE_FAILED, EXIT_OK, RefusedError, run_cli  # noqa: E402
 from utils.preference_pairs import DEFAULT_SIGNALS, PAIR_QC_THRESHOLDS  # noqa: E402
@@ -61,7 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--temperature", type=positive_float, default=0.7, help="candidate sampling temperature (diversity among the N)")
     add("--top-p", type=in_range(float, 0, 1, low_open=True), default=0.9, help="candidate nucleus top-p")
     add("--repetition-penalty", type=positive_float, default=1.15, help="candidate repetition penalty (the pilot's response value)")
-    add("--max-new-tokens", type=positive_int, default=80, help="candidate token budget (the evaluation's; using it all makes a candidate unclean)")
+    add("--max-new-tokens", type=positive_int, default=256, help="candidate token budget (the evaluation's; using it all makes a candidate unclean)")
+    add("--answer-end", choices=ANSWER_ENDS, default="block",
+        help="where a candidate ends (the evaluation's --answer-end): 'block' keeps blank lines, 'blank_line' cuts at the first")
     add("--constraint-fraction", type=probability, default=0.5, help="fraction of the instructions given trained-family constraints")
     add("--constraint-families", type=family_names, default=None, help=f"{family_names.describe()} (default: all trained)")
     add("--signals", type=_signal_names, default=list(DEFAULT_SIGNALS),
@@ -159,7 +162,7 @@ def build_config(args, upstream: Upstream):
         seed=args.seed, num_instructions=args.num_instructions, num_candidates=args.num_candidates,
         instruction_settings=settings.as_dict(), response=response.as_dict(), constraint_fraction=args.constraint_fraction,
         constraint_families=list(args.constraint_families or TRAINED_FAMILIES), signals=list(args.signals),
-        min_signal_margin=args.min_signal_margin, corrupted_pairs=args.corrupted_pairs,
+        min_signal_margin=args.min_signal_margin, corrupted_pairs=args.corrupted_pairs, answer_end=args.answer_end,
         qc_thresholds={"min_pairs": args.min_pairs, "max_length_ratio": args.max_length_ratio, "min_length_ratio": args.min_length_ratio})
 
 

@@ -273,7 +273,7 @@ def test_train_and_test_wordings_disjoint_and_held_out_untrainable():
             with pytest.raises(BadInputError, match="held out"):
                 sample_constraint(name, random.Random(0), split="train")
         else:
-            assert len(train) >= 4 and sample_constraint(name, random.Random(0), split="train").wording_id.startswith(
+            assert len(train) >= C.MIN_TRAINING_WORDINGS and sample_constraint(name, random.Random(0), split="train").wording_id.startswith(
                 f"{name}.train")
 
 

@@ -216,6 +216,7 @@ def test_end_to_end_outputs_unscored_resume_and_gate(workspace, tmp_path):
     assert stats["overall"]["mcnemar"]["method"] in ("exact_binomial", "chi2_continuity_corrected")
     assert results["gate"]["passed"] is False and results["contamination"]["found"] is False
     assert results["decoding"]["temperature"] == 0.0 and results["decoding"]["max_new_tokens"] == 12
+    assert results["decoding"]["answer_end"] == "block" and "\n\n" not in results["decoding"]["stop_strings"]
     from utils.provenance_helper import sha256_file
 
     sft_info = results["models"]["sft"]

@@ -25,6 +25,64 @@ def test_list_requests_and_their_counts(instruction, count, style):
     assert requested_list(instruction) == ListRequest(count, style)
 
 
+# The count is read only where the number quantifies the listed things (after a list verb, "list of", a
+# counted verb or "top"); a number that is a value, a bound, a range or one of two counts gives None.
+@pytest.mark.parametrize("instruction, count", [
+    ("List 5 fruits.", 5),
+    ("Name three animals.", 3),
+    ("Give me five tips for sleeping better.", 5),
+    ("Write a list of 10 things to pack.", 10),
+    ("What are 3 benefits of tea?", 3),
+    ("Provide 4 examples of renewable energy.", 4),
+    ("Suggest two names for a cat.", 2),
+    ("Please list seven wonders of the world.", 7),
+    ("Make a list of 6 healthy snacks.", 6),
+    ("Give 3 reasons why exercise helps.", 3),
+    ("Identify the three main causes of the war.", 3),
+    ("What are the top 5 places to visit in Paris?", 5),
+    ("Give me 3 good reasons to learn Python.", 3),
+    ("List five small red fruits.", 5),
+    ("Name your top 3 films as a list.", 3),
+    ("Tell me 4 jokes.", 4),
+    ("List the top 10 songs of 1990.", 10),  # the year is no count
+    ("Name three fruits. List three vegetables.", 3),  # two slots, one count
+    ("List words that begin with 8.", None),
+    ("List the days of the month with the number 0 through 9.", None),
+    ("Name animals that live more than 5 years, as a list.", None),
+    ("Tell the alphabet and number 1-9 in a list.", None),
+    ("List 2 or 3 fruits.", None),
+    ("List 3 to 5 fruits.", None),
+    ("List 2-5 fruits.", None),
+    ("List at least 3 fruits.", None),
+    ("List about 5 fruits.", None),
+    ("List fruits from 2 countries.", None),
+    ("List books for kids aged 8 to 10.", None),
+    ("List numbers between 2 and 9.", None),
+    ("List the multiples of 3.", None),
+    ("List the characters on page 5.", None),
+    ("List the new features of version 2.", None),
+    ("List things to do at 5pm.", None),
+    ("List 3D shapes.", None),
+    ("List 3-letter words.", None),
+    ("List ten-minute recipes.", None),
+    ("Give me a list of 5 minute recipes.", None),  # minutes, not items
+    ("List 3 very short sentences about cats.", None),  # sentences after two adjectives
+    ("Name three fruits and list 4 vegetables.", None),  # two different counts: ambiguous
+    ("Write a shopping list with 5 items.", 5),  # the noun names the items, so "with" is no value here
+    ("Reply using a numbered list that has exactly 7 entries.", 7),
+    ("Write a list with at least 5 items.", None),  # a bound, not a count
+    ("Write a list with 3 to 5 items.", None),
+    ("Write a shopping list as 4 numbered lines.", 4),
+    ("List animals with exactly 4 legs.", None),
+    ("Write a list of animals with 5 legs.", None),  # "with" makes a number a value: rather no count than a wrong one
+    ("List 12 fruits.", None),  # more than MAX_ITEMS
+])
+def test_the_count_is_read_only_where_the_number_counts_the_listed_things(instruction, count):
+    from utils.list_answers import ListRequest, requested_list
+
+    assert requested_list(instruction) == ListRequest(count, "numbered")
+
+
 @pytest.mark.parametrize("instruction", [
     "Explain how rain forms.", "Write a story in 3 sentences about a dog.", "Describe a playlist for a long drive.",
     "Why do people listen to music?", "Name the capital of France.", "Summarise the plot in 5 words.",

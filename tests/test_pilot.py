@@ -365,7 +365,7 @@ def test_pilot_end_to_end_exit_0_then_4(trained_model_dir, tmp_path):
     assert manifest["critic_signals"]["source"] == "probe" and set(manifest["critic_signals"]["aucs"]) == {
         "ab_margin", "ab_margin_direct", "relevance", "relevance_total"}
     assert manifest["qc"]["critic_signals"] == manifest["critic_signals"]
-    assert manifest["constraint_catalogue_version"] == "constraints_v1" and manifest["qc"]["constraints"]["checker_pass_rate"] in (1.0, None)
+    assert manifest["constraint_catalogue_version"] == "constraints_v2" and manifest["qc"]["constraints"]["checker_pass_rate"] in (1.0, None)
     assert manifest["config"]["response"]["max_new_tokens"] == 256 and manifest["config"]["num_candidates"] == 1
     strict = _run(["--model", trained_model_dir, "--count", 6, "--output", tmp_path / "strict", "--qc-median-response-tokens-max", 1, *TINY])
     assert strict.returncode == 4, strict.stderr[-2000:]

@@ -72,6 +72,26 @@ def test_stop_strings_and_cleaners_per_template():
     assert P.clean_response(" keeps ### END in v2", "response_v2").text == "keeps ### END in v2"
 
 
+def test_block_answer_end_keeps_blank_lines_and_stops_at_the_next_block():
+    """The evaluation's and Stage 2's end rule: an adapter's title line, paragraphs or P.S. survive;
+    the next Instruction:/Response: block still ends the answer; an unknown rule is bad input."""
+    from utils.completion_prompts import CompletionStylePrompts as P
+    from utils.exit_codes import BadInputError
+
+    assert P.response_stop_strings(answer_end="block") == ["\nInstruction:", "\nResponse:"]
+    assert P.response_stop_strings(answer_end="blank_line") == P.response_stop_strings()
+    titled = " <<Rain>>\n\nIt rained all day.\n\nP.S. Bring a coat."
+    kept = P.clean_response(titled, answer_end="block")
+    assert kept.text == "<<Rain>>\n\nIt rained all day.\n\nP.S. Bring a coat." and not kept.was_cut
+    assert P.clean_response(titled).text == "<<Rain>>"  # the source's rule cuts at the first blank line
+    cut = P.clean_response(" One.\n\nTwo.\nInstruction: next task", answer_end="block")
+    assert cut.text == "One.\n\nTwo." and cut.was_cut
+    # With demonstrations the end marker rules, whatever the answer end says.
+    assert P.response_stop_strings("response_v4", answer_end="blank_line") == P.response_stop_strings("response_v4")
+    with pytest.raises(BadInputError, match="unknown answer end 'eos'"):
+        P.clean_response("x", answer_end="eos")
+
+
 def test_leakage_counts_the_end_marker():
     from utils.completion_prompts import CompletionStylePrompts as P
 

@@ -319,7 +319,7 @@ def test_shards_use_the_pilots_critic_signals_and_constrained_records_pass_their
         judged = _lines(folder / "phase4_judged.jsonl")
         assert all(r["selection"]["trusted_signals"] == pilot["critic_signals"]["trusted"] for r in judged)
     assert merged["critic_signals"]["trusted"] == pilot["critic_signals"]["trusted"]
-    assert merged["constraint_catalogue_version"] == "constraints_v1"
+    assert merged["constraint_catalogue_version"] == "constraints_v2"
     records = _lines(scale_run["output"])
     constrained = [r for r in records if r["constraints"]]
     assert merged["qc"]["constraints"]["constrained"] == len(constrained)

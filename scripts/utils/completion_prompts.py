@@ -26,7 +26,7 @@ from .exit_codes import BadInputError
 
 __all__ = ["CompletionStylePrompts", "CleanedResponse", "PROMPT_VERSIONS", "SEED_INSTRUCTIONS", "ResponseTemplate",
            "RESPONSE_TEMPLATES", "RESPONSE_DEMONSTRATIONS", "RESPONSE_END_MARKER", "DEFAULT_RESPONSE_TEMPLATE",
-           "demonstrations_fingerprint", "check_demonstrations", "demonstration_overlaps"]
+           "demonstrations_fingerprint", "check_demonstrations", "demonstration_overlaps", "ANSWER_ENDS"]
 
 INSTRUCTION_DELIMITER = "Instruction:"
 RESPONSE_DELIMITER = "Response:"
@@ -167,6 +167,13 @@ PROMPT_VERSIONS = {
     "pair_critic": "pair_critic_v1",
 }
 
+# Where an answer to the bare prompt ends. "blank_line" is the source's rule for base-model completions
+# (the base model starts an unrelated paragraph after one). "block" keeps blank lines and ends at EOS or
+# at the next Instruction:/Response: block: an adapter trained on response_v3/v4 answers writes
+# paragraphs, a title line, a P.S. or a repeated request before a blank line, and stops with EOS, so
+# cutting it at the first blank line scores half an answer (evaluation and Stage 2 candidates use it).
+ANSWER_ENDS = ("block", "blank_line")
+
 _LEAK_PATTERN = re.compile(r"(instruction|response)\s*:", re.IGNORECASE)
 _END_PATTERN = re.compile(re.escape(RESPONSE_END_MARKER))
 
@@ -179,6 +186,12 @@ def _template(name: str) -> ResponseTemplate:
     if name not in RESPONSE_TEMPLATES:
         raise BadInputError(f"unknown response template {name!r}; known: {', '.join(RESPONSE_TEMPLATES)}")
     return RESPONSE_TEMPLATES[name]
+
+
+def _answer_end(name: str) -> str:
+    if name not in ANSWER_ENDS:
+        raise BadInputError(f"unknown answer end {name!r}; known: {', '.join(ANSWER_ENDS)}")
+    return name
 
 
 def demonstrations_fingerprint(template: str = DEFAULT_RESPONSE_TEMPLATE) -> str:
@@ -250,11 +263,14 @@ class CompletionStylePrompts:
         return " " + response.strip()
 
     @staticmethod
-    def response_stop_strings(template: str = "response_v2") -> list[str]:
-        """Where a response ends under `template` (constant per template, so matchers are built once)."""
+    def response_stop_strings(template: str = "response_v2", answer_end: str = "blank_line") -> list[str]:
+        """Where a response ends under `template` (constant per template, so matchers are built once);
+        `answer_end` (see ANSWER_ENDS) applies to the bare template only."""
         if _template(template).demonstrations:
             # The demonstrations end each answer with the marker; a blank line is part of an answer.
             return [RESPONSE_END_MARKER, f"\n{INSTRUCTION_DELIMITER}"]
+        if _answer_end(answer_end) == "block":
+            return [f"\n{INSTRUCTION_DELIMITER}", f"\n{RESPONSE_DELIMITER}"]
         # A blank line ends the answer: base models go on after it with unrelated text (a new
         # paragraph of the "document"), which was most of the token-limit hits in the first pilot.
         return [f"\n{INSTRUCTION_DELIMITER}", f"\n{RESPONSE_DELIMITER}", "\n\n"]
@@ -309,13 +325,13 @@ class CompletionStylePrompts:
         return (" A", " B")
 
     @staticmethod
-    def clean_response(raw: str, template: str = "response_v2") -> CleanedResponse:
+    def clean_response(raw: str, template: str = "response_v2", answer_end: str = "blank_line") -> CleanedResponse:
         """Cut at the next delimiter and strip a leaked label; whitespace trimmed.
 
         A response that starts by repeating `Response:` is kept from after it; anything from a new
         `Instruction:`/`Response:` onward is dropped, since it is the model writing the next example.
-        response_v2 also cuts at the first blank line; response_v3 cuts at the end marker instead and
-        keeps blank lines (paragraphs, spaced lists).
+        response_v2 also cuts at the first blank line unless `answer_end` is "block"; response_v3 cuts at
+        the end marker instead and keeps blank lines (paragraphs, spaced lists).
         """
         demonstrations = _template(template).demonstrations
         text = raw
@@ -329,7 +345,7 @@ class CompletionStylePrompts:
             text = text[: min(cuts)]
             was_cut = True
         stripped = text.strip()
-        if not demonstrations and "\n\n" in stripped:
+        if not demonstrations and _answer_end(answer_end) == "blank_line" and "\n\n" in stripped:
             stripped = stripped.split("\n\n")[0].strip()
             was_cut = True
         return CleanedResponse(text=stripped, was_cut=was_cut)

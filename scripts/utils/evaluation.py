@@ -250,8 +250,10 @@ def model_key(provenance: dict) -> dict:
     return identity
 
 
-def generate_responses(label: str, engine, records: list[dict], path, params, generation_key: str) -> dict:
-    """Append `label` responses for records not yet in `path`; refuses a file made with other settings."""
+def generate_responses(label: str, engine, records: list[dict], path, params, generation_key: str,
+                       answer_end: str = "block") -> dict:
+    """Append `label` responses for records not yet in `path`; refuses a file made with other settings.
+    `answer_end`: where an answer ends (completion_prompts.ANSWER_ENDS)."""
     from .completion_prompts import CompletionStylePrompts as P
     from .jsonl_io import JsonlAppender
     from .records import EvaluationResponseRecord
@@ -270,7 +272,7 @@ def generate_responses(label: str, engine, records: list[dict], path, params, ge
 
         def save(result):
             record = by_id[result.key]
-            cleaned = P.clean_response(result.text)
+            cleaned = P.clean_response(result.text, answer_end=answer_end)
             row = EvaluationResponseRecord(
                 id=record["id"], type=record.get("type"), instruction=record["instruction"], raw_response=result.text,
                 response=cleaned.text, was_cut=cleaned.was_cut, finish_reason=result.finish_reason,
@@ -279,7 +281,8 @@ def generate_responses(label: str, engine, records: list[dict], path, params, ge
             appender.append({**row.to_dict(), "model": label, "generation_key": generation_key})
 
         items = [(r["id"], P.create_response_prompt(r["instruction"])) for r in pending]
-        engine.generate(items, params, P.response_stop_strings(), on_result=save, description=f"{label} responses")
+        engine.generate(items, params, P.response_stop_strings(answer_end=answer_end), on_result=save,
+                        description=f"{label} responses")
         rows = {row["id"]: row for row in appender.records if row["id"] in by_id}
     return {"rows": rows, "generated_now": len(pending), "seconds": round(time.time() - start, 2),
             "finish_reasons": dict(Counter(rows[r["id"]]["finish_reason"] for r in records))}

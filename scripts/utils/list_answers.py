@@ -7,8 +7,10 @@ answers held a list line). An adapter trained on such pairs never writes a list.
 instruction's own request becomes a verifiable constraint (the instruction text is unchanged):
 
 - `requested_list(instruction)`: a request for a list (a list verb or the word "list"), the number of
-  items it names (2-10, digits or words; None when it names none) and its style (bullets where it
-  says so, else numbered).
+  items it names (2-10, digits or words, read only where it quantifies the listed things: "List 5
+  fruits", "a list of ten ...", "Name the top 3 ..."; None when it names none or the number is a value
+  or ambiguous, as in "List words that begin with 8") and its style (bullets where it says so, else
+  numbered).
 - `list_answer(request, response)`: the answer as a line list that satisfies the request, or None.
   A line list with the asked number of items is kept as it is ("measured"); an inline enumeration
   of short items (at most `MAX_ITEM_WORDS` words each, commas and a final "and"/"or") is rewritten
@@ -35,13 +37,31 @@ __all__ = ["ListRequest", "ListAnswer", "requested_list", "inline_items", "list_
 MAX_ITEM_WORDS = 6  # a longer "item" is a clause: the text is prose, not an enumeration
 MAX_ITEMS = 10
 _NUMBERS = {word: value for value, word in enumerate(NUMBER_WORDS) if 2 <= value <= MAX_ITEMS}
-_COUNT = re.compile(r"\b(10|[2-9]|" + "|".join(_NUMBERS) + r")\b(?!\s*(?:%|percent))", re.IGNORECASE)
-# A number followed by one of these counts something other than the list's items ("in 3 sentences").
-_NOT_ITEMS = re.compile(r"\s*(?:words?|sentences?|paragraphs?|lines?|letters?|characters?|minutes?|hours?|days?|weeks?|"
-                        r"months?|years?|times|pages?|steps? of)\b", re.IGNORECASE)
-_LIST_VERB = re.compile(r"^\s*(?:please\s+)?(?:list|enumerate)\b", re.IGNORECASE)
-_COUNTED_VERB = re.compile(r"^\s*(?:please\s+)?(?:name|give|suggest|provide|identify|mention|recommend|write down|what are|"
-                           r"what is a list of|tell me)\b", re.IGNORECASE)
+_LIST_VERBS = r"list|enumerate"
+_COUNTED_VERBS = r"name|give|suggest|provide|identify|mention|recommend|write down|what are|what is a list of|tell me"
+# A number quantifies the listed things only in a count slot: right after a list or counted verb that opens a
+# sentence ("Name three animals", "Give me five tips"), after "list" / "list of" anywhere ("Make a list of 6 ..."),
+# or after "top" ("the top 5 ..."), with at most "the"/"your"/"exactly"/... between. Any other word before it
+# makes it a value or a bound ("begin with 8", "more than 5", "number 0 through 9", "at least 3", "page 5",
+# "animals with exactly 4 legs"), so it is not read. It must be followed by a word (the things: "3 good reasons"),
+# not by a range or alternative ("2 or 3", "3 to 5", "2-5"); "5pm", "3D" and "1990" are no whole number 2-10.
+_NUMBER = r"(10|[2-9]|" + "|".join(_NUMBERS) + r")\b"
+_COUNT_SLOT = re.compile(
+    rf"(?:(?:^|[.?!;:]\s+)\s*(?:please\s+)?(?:{_LIST_VERBS}|{_COUNTED_VERBS})(?:\s+(?:me|us))?"
+    r"|\blist(?:\s+of)?|\btop)"
+    rf"\s+(?:(?:the|your|my|our|exactly|only|just)\s+)?(?:top\s+)?{_NUMBER}(?=\s+[a-z])(?!\s+(?:to|or|and|through)\b)", re.IGNORECASE)
+# "A list with 5 items", "a list that has exactly 7 entries", "as 4 numbered lines": the noun names the list's
+# items, so the number counts them after these words too (a bound such as "at least 5 items" or "3 to 5 items"
+# stays unread; a bare "points" or "lines" may be a value: "teams with 5 points").
+_ITEMS_SLOT = re.compile(rf"\b(?:with|has|have|having|holds?|holding|containing|in|of|as|exactly|precisely)\s+"
+                         rf"(?:(?:exactly|precisely)\s+)?{_NUMBER}\s+"
+                         r"(?:(?:numbered|bulleted)\s+(?:items|entries|points|lines)|items|entries|bullets|bullet points)\b", re.IGNORECASE)
+# A number whose noun (after at most two adjectives) is one of these counts something other than the list's
+# items ("in 3 short sentences", "5 minute recipes").
+_NOT_ITEMS = re.compile(r"(?:\s+[\w'-]+){0,2}?\s+(?:words?|sentences?|paragraphs?|lines?|letters?|characters?|minutes?|hours?|"
+                        r"days?|weeks?|months?|years?|times|pages?|percent|steps? of)\b", re.IGNORECASE)
+_LIST_VERB = re.compile(rf"^\s*(?:please\s+)?(?:{_LIST_VERBS})\b", re.IGNORECASE)
+_COUNTED_VERB = re.compile(rf"^\s*(?:please\s+)?(?:{_COUNTED_VERBS})\b", re.IGNORECASE)
 _LIST_WORD = re.compile(r"\blist\b", re.IGNORECASE)
 _BULLET_WORD = re.compile(r"\bbullet", re.IGNORECASE)
 _TRAILING = re.compile(r"[\s.!;]+$")
@@ -63,11 +83,14 @@ class ListAnswer:
 
 
 def _count(instruction: str) -> int | None:
-    for match in _COUNT.finditer(instruction):
-        if not _NOT_ITEMS.match(instruction, match.end()):
-            token = match.group(1).lower()
-            return int(token) if token.isdigit() else _NUMBERS[token]
-    return None
+    """The number of items the instruction asks for, or None. Two different counts are ambiguous:
+    None, since a wrong count cuts or rejects right answers and None keeps any list of 2-10 items."""
+    counts = set()
+    slots = [m for m in _COUNT_SLOT.finditer(instruction) if not _NOT_ITEMS.match(instruction, m.end())]
+    for match in slots + list(_ITEMS_SLOT.finditer(instruction)):
+        token = match.group(1).lower()
+        counts.add(int(token) if token.isdigit() else _NUMBERS[token])
+    return counts.pop() if len(counts) == 1 else None
 
 
 def requested_list(instruction: str) -> ListRequest | None:

@@ -89,6 +89,7 @@ class Stage2Config:
     min_signal_margin: float = 1.0
     corrupted_pairs: bool = False
     qc_thresholds: dict = field(default_factory=lambda: dict(PAIR_QC_THRESHOLDS))
+    answer_end: str = "block"  # completion_prompts.ANSWER_ENDS: the Stage 1 adapter writes paragraphs
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -169,7 +170,7 @@ def _generate_candidates(engine, tokenizer, files: dict, instructions: list[dict
 
     def save(result) -> None:
         record, index = owner[result.key]
-        cleaned = prompts.clean_response(result.text)
+        cleaned = prompts.clean_response(result.text, answer_end=config.answer_end)
         n_tokens = len(encode_continuation(tokenizer, prompts.format_completion(cleaned.text))) if cleaned.text else 0
         files["responses"].append(ResponseRecord(
             id=result.key, instruction_id=record["id"], candidate_index=index, round=record["round"],
@@ -177,7 +178,7 @@ def _generate_candidates(engine, tokenizer, files: dict, instructions: list[dict
             finish_reason=result.finish_reason, n_generated_tokens=result.n_generated_tokens, n_response_tokens=n_tokens,
             prompt_version=prompts.versions["response"]).to_dict())
 
-    engine.generate(todo, SamplingParams(**config.response), prompts.response_stop_strings(), on_result=save,
+    engine.generate(todo, SamplingParams(**config.response), prompts.response_stop_strings(answer_end=config.answer_end), on_result=save,
                     description="stage 2 candidates")
 
 
