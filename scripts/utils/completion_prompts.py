@@ -269,11 +269,10 @@ class CompletionStylePrompts:
         if _template(template).demonstrations:
             # The demonstrations end each answer with the marker; a blank line is part of an answer.
             return [RESPONSE_END_MARKER, f"\n{INSTRUCTION_DELIMITER}"]
-        if _answer_end(answer_end) == "block":
-            return [f"\n{INSTRUCTION_DELIMITER}", f"\n{RESPONSE_DELIMITER}"]
-        # A blank line ends the answer: base models go on after it with unrelated text (a new
-        # paragraph of the "document"), which was most of the token-limit hits in the first pilot.
-        return [f"\n{INSTRUCTION_DELIMITER}", f"\n{RESPONSE_DELIMITER}", "\n\n"]
+        next_block = [f"\n{INSTRUCTION_DELIMITER}", f"\n{RESPONSE_DELIMITER}"]
+        # "blank_line": base models go on after a blank line with unrelated text (a new paragraph of
+        # the "document"), which was most of the token-limit hits in the first pilot.
+        return next_block + ["\n\n"] if _answer_end(answer_end) == "blank_line" else next_block
 
     @staticmethod
     def create_instruction_generation_prompt(rng: random.Random, num_examples: int = 5,
