@@ -36,8 +36,9 @@ Shard i (folder `<output stem>_shards/shard_XXX/`) gets an even share of --count
 first shards) and the seed `seed * 1000 + i`; it writes sft_data.jsonl, its phase files and
 shard_manifest.json (last). A complete shard is skipped, a killed one resumes (refused, exit 2,
 where its settings or its model's content hashes differ from the run that started it).
-The merge removes exact and near-duplicate instructions across shards (first one wins), recomputes
-QC on the whole and writes --output and `<output stem>.manifest.json`. Exit 0 when the merged QC
+The merge removes exact and near-duplicate instructions across shards (first one wins; a relabeled
+variant `<pair>~v<j>` of --constraint-variants stays or goes with its pair, and --count counts pairs),
+recomputes QC on the whole and writes --output and `<output stem>.manifest.json`. Exit 0 when the merged QC
 passed (or when shards ran and no merge was due yet), 4 when it failed.
 """
 
@@ -161,6 +162,7 @@ def _merge(args, specs, config, overrides, pilot, signals, held_out) -> int:
     from utils.jsonl_io import write_jsonl_atomic
     from utils.provenance_helper import create_session_manifest, resolve_recorded_path, write_manifest_atomic
     from utils.qc import format_qc_table
+    from utils.records import base_pair_id
     from utils.sharding import exclusive_lock, merge_shards, merged_manifest_path, model_override, shards_root
 
     start = time.time()
@@ -170,8 +172,9 @@ def _merge(args, specs, config, overrides, pilot, signals, held_out) -> int:
                               config.near_duplicate_threshold, config.qc_thresholds, held_out=held_out,
                               critic_signals=signals.as_record())
         records, qc, dedup = merged["records"], merged["qc"], merged["dedup"]
-        if len(records) < args.count:
-            qc["shortfall"] = (f"{len(records)} pairs of {args.count} asked ({dedup['exact_removed']} exact and {dedup['near_removed']} "
+        pairs = sum(base_pair_id(r["id"]) == r["id"] for r in records)
+        if pairs < args.count:
+            qc["shortfall"] = (f"{pairs} pairs of {args.count} asked ({dedup['exact_removed']} exact and {dedup['near_removed']} "
                                f"near duplicates, {dedup['held_out_overlaps_removed']} held-out overlaps removed)")
         manifest_path.unlink(missing_ok=True)  # a manifest on disk must vouch for the data beside it
         write_jsonl_atomic(args.output, records)
@@ -184,14 +187,14 @@ def _merge(args, specs, config, overrides, pilot, signals, held_out) -> int:
             overrides={**overrides, **model_override(pilot.get("model_provenance"), merged["model_provenance"])},
             calibration=pilot.get("calibration"), model_provenance=merged["model_provenance"], shards=merged["shards"],
             dedup=dedup, base_seed=config.seed, shard_seed_rule="base_seed * 1000 + shard_index", records=len(records),
-            requested_count=args.count, critic_signals=signals.as_record(), constraint_catalogue_version=CATALOGUE_VERSION,
+            pairs=pairs, requested_count=args.count, critic_signals=signals.as_record(), constraint_catalogue_version=CATALOGUE_VERSION,
             demonstration_overlap_check="passed" if held_out is not None and RESPONSE_TEMPLATES[config.response_template].demonstrations
             else "not run", wall_seconds=round(time.time() - start, 1))
         write_manifest_atomic(manifest_path, manifest)
     print(format_qc_table(qc))
-    print(f"[scale] merged {len(specs)} shards: {len(records)} pairs in {args.output} ({dedup['exact_removed']} exact and "
-          f"{dedup['near_removed']} near duplicates removed across shards, {dedup['held_out_overlaps_removed']} pairs overlapping "
-          f"the held-out test set); manifest {manifest_path}", flush=True)
+    print(f"[scale] merged {len(specs)} shards: {pairs} pairs and {len(records) - pairs} relabeled variants in {args.output} "
+          f"({dedup['exact_removed']} exact and {dedup['near_removed']} near duplicates removed across shards, "
+          f"{dedup['held_out_overlaps_removed']} pairs overlapping the held-out test set); manifest {manifest_path}", flush=True)
     if "shortfall" in qc:
         print(f"[scale] warning: shortfall: {qc['shortfall']}", flush=True)
     return EXIT_OK if qc["passed"] else EXIT_GATE_FAILED

@@ -7,10 +7,10 @@
 # Stops at the first stage that fails its gate and exits with that stage's code (3 refused,
 # 4 gate failed, 2 bad input, 1 crash). Every stage resumes, so rerunning continues where a
 # killed run stopped. Sizes: gpu = the source's (pilot 200, scale 2000, 3 epochs, 200 test
-# instructions); cpu = small counts (10 min 17 s measured on 2 cores, docs/measurements.md).
+# instructions); cpu = small counts (13 min 10 s measured on 2 cores, docs/measurements.md).
 # Any size can be overridden by environment variable (PILOT_COUNT=..., SCALE_COUNT=..., ...);
 # TRAIN_ARGS adds flags to the training stage, GEN_ARGS to the pilot (the scale stage inherits
-# them through the pilot manifest), e.g. GEN_ARGS="--calibration source".
+# them through the pilot manifest; gpu default "--num-candidates 4"), e.g. GEN_ARGS="--calibration source".
 # The model's calibration is the pilot's own (--calibration auto, scripts/utils/calibration.py): the
 # bundled gemma-3-270m, recognised by its file sha256, gets the settings measured for it; any other
 # model the source's. The pilot manifest records which, why, and each value.
@@ -19,6 +19,9 @@
 # Several GPUs: the scale stage runs one torchrun rank per visible GPU (at most one per shard; measured
 # 1.93x on 2 and 3.25x on 4, docs/scaling.md), training stays on one GPU (data parallelism was slower
 # for the bundled model). SCALE_RANKS=N overrides the number of scale processes (1: no torchrun).
+# Learning rate: the bundled gemma-3-270m (no --model) trains at 5e-4 on the gpu profile, measured better
+# than the source's 2e-4 in two paired runs (docs/measurements.md, "Constraint variants"); any other model,
+# and the cpu profile, keep the source's 2e-4. LR=... sets it for any model.
 # STAGE1_SKIP_INSTALL=1 uses the python on PATH.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -34,21 +37,27 @@ while [ $# -gt 0 ]; do
         --root) root=$2 ;;
       esac
       shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 if [ "${STAGE1_SKIP_INSTALL:-0}" = 1 ]; then export PYTHONUNBUFFERED=1; else source scripts/setup_env.sh || exit 1; fi
-read -r -a gen_args <<< "${GEN_ARGS:-}"
 source scripts/driver_lib.sh
 profile=$(resolve_profile "$profile")
 case "$profile" in
   # On a GPU the effective batch stays the source's 8 (8 x 1 instead of 1 x 8): 8.6x faster on gemma-3-270m.
+  # Best of 4 response candidates on a GPU (every measured GPU run in docs/measurements.md since response_v4); 1 on a CPU.
   gpu) : "${TEST_COUNT:=200}" "${PILOT_COUNT:=200}" "${SCALE_COUNT:=2000}" "${SHARDS:=4}" "${EPOCHS:=3}" "${BATCH:=256}" \
-         "${TRAIN_ARGS=--per-device-batch-size 8 --grad-accum 1}" ;;
-  cpu) : "${TEST_COUNT:=25}" "${PILOT_COUNT:=16}" "${SCALE_COUNT:=16}" "${SHARDS:=2}" "${EPOCHS:=1}" "${BATCH:=16}" "${TRAIN_ARGS=}" ;;
+         "${TRAIN_ARGS=--per-device-batch-size 8 --grad-accum 1}" "${GEN_ARGS=--num-candidates 4}" ;;
+  cpu) : "${TEST_COUNT:=25}" "${PILOT_COUNT:=16}" "${SCALE_COUNT:=16}" "${SHARDS:=2}" "${EPOCHS:=1}" "${BATCH:=16}" "${TRAIN_ARGS=}" \
+         "${GEN_ARGS=}" ;;
   *) echo "--profile must be gpu, cpu or auto" >&2; exit 2 ;;
 esac
+read -r -a gen_args <<< "${GEN_ARGS:-}"
+if [ -z "${LR:-}" ]; then
+  LR=2e-4
+  [ "$profile" = gpu ] && [ ${#model_args[@]} -eq 0 ] && LR=5e-4
+fi
 if [ -z "${SCALE_RANKS:-}" ]; then
   SCALE_RANKS=1
   [ "$profile" = gpu ] && SCALE_RANKS=$(python -c "import torch; print(max(1, min(torch.cuda.device_count(), $SHARDS)))")
@@ -63,7 +72,7 @@ pilot=$root/artifacts/pilot
 dataset=$root/data/stage1_sft_data.jsonl
 checkpoint=$root/checkpoints/stage1_sft
 results=$root/results/sft_eval
-echo "[stage1] profile=$profile test=$TEST_COUNT pilot=$PILOT_COUNT scale=$SCALE_COUNT shards=$SHARDS scale_ranks=$SCALE_RANKS epochs=$EPOCHS batch=$BATCH"
+echo "[stage1] profile=$profile test=$TEST_COUNT pilot=$PILOT_COUNT scale=$SCALE_COUNT shards=$SHARDS scale_ranks=$SCALE_RANKS epochs=$EPOCHS batch=$BATCH lr=$LR"
 started=$(date +%s)
 
 stage stage1 "test set" python scripts/generate_test_instructions.py --count "$TEST_COUNT" --output "$test_set"
@@ -75,7 +84,7 @@ if [ -f "$checkpoint/final_adapter/TRAINING_SUCCESS" ] && [ "$checkpoint/final_a
   echo "[stage1] === train: $checkpoint/final_adapter/TRAINING_SUCCESS is newer than the dataset; skipped"
 else
   read -r -a train_args <<< "${TRAIN_ARGS:-}"
-  stage stage1 "train" python scripts/train_stage1_sft.py --data "$dataset" --output "$checkpoint" --epochs "$EPOCHS" --resume \
+  stage stage1 "train" python scripts/train_stage1_sft.py --data "$dataset" --output "$checkpoint" --epochs "$EPOCHS" --lr "$LR" --resume \
     "${model_args[@]}" "${train_args[@]}"
 fi
 stage stage1 "evaluate" python scripts/evaluate_stage1_sft.py --sft-checkpoint "$checkpoint/final_adapter" --test-set "$test_set" \

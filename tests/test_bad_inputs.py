@@ -43,6 +43,7 @@ _GENERATION = [
     ("--relevance-min", ["nan", "inf", "abc"]),
     ("--constraint-fraction", ["-0.1", "1.5", "abc"]),
     ("--generated-constraint-fraction", ["-0.1", "1.5", "abc"]),
+    ("--constraint-variants", ["-1", "1.5", "abc"]),
     ("--constraint-families", ["nope", "words_range", ","]),  # unknown, held out of training, none
 ]
 NUMERIC = {

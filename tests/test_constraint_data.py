@@ -130,7 +130,7 @@ def test_the_phase_writes_one_checked_record_per_chosen_pair(tiny_model_dir):
     from utils.records import ConstrainedPairRecord, field_names
 
     _, tokenizer, _ = CleanModelLoader(str(tiny_model_dir), run_sentinels=False).load()
-    config = SimpleNamespace(seed=3, constraint_fraction=1.0, constraint_families=list(TRAINED_FAMILIES))
+    config = SimpleNamespace(seed=3, constraint_fraction=1.0, constraint_variants=0, constraint_families=list(TRAINED_FAMILIES))
     files = {"judged": _Appender([_judged(f"r00-{i:05d}", RESPONSES[i % 5]) for i in range(6)] + [_judged("r00-00099", "x", False)]),
              "constrained": _Appender()}
     keys = [f"r00-{i:05d}" for i in range(6)] + ["r00-00099"]
@@ -160,7 +160,7 @@ def test_a_relabeled_pair_that_fails_its_checker_is_a_bug_not_a_record(tiny_mode
         return result and constraint_data.ConstrainedPair(result.instruction, "", result.constraints, result.modes, result.mode)
 
     monkeypatch.setattr(constraint_data, "constrain_pair", broken)
-    config = SimpleNamespace(seed=3, constraint_fraction=1.0, constraint_families=list(TRAINED_FAMILIES))
+    config = SimpleNamespace(seed=3, constraint_fraction=1.0, constraint_variants=0, constraint_families=list(TRAINED_FAMILIES))
     files = {"judged": _Appender([_judged("r00-00000", RESPONSES[0])]), "constrained": _Appender()}
     with pytest.raises(RuntimeError, match="fails its own checker"):
         constraint_data.constrain_accepted(files, ["r00-00000"], config, tokenizer)
@@ -191,7 +191,7 @@ def test_a_generated_pair_is_recorded_as_it_was_written_and_never_relabeled(tiny
 
     _, tokenizer, _ = CleanModelLoader(str(tiny_model_dir), run_sentinels=False).load()
     lower = to_record(sample_constraint("lowercase", random.Random(0)))
-    config = SimpleNamespace(seed=3, constraint_fraction=1.0, constraint_families=["uppercase"])
+    config = SimpleNamespace(seed=3, constraint_fraction=1.0, constraint_variants=0, constraint_families=["uppercase"])
     passing = {**_judged("r00-00000", "rivers run to the sea."), "instruction": "Describe rivers. " + lower["text"]}
     files = {"judged": _Appender([passing]), "constrained": _Appender()}
     constrain_accepted(files, ["r00-00000"], config, tokenizer, {"r00-00000": ("Describe rivers.", passing["instruction"], [lower])})
@@ -207,3 +207,51 @@ def test_a_generated_pair_is_recorded_as_it_was_written_and_never_relabeled(tiny
         constrain_accepted(files, ["r00-00001"], config, tokenizer, {"r00-00001": ("Describe rivers.", failing["instruction"], [lower])})
     scored = [{"constraint_checks": recheck([lower], text)} for text in ("all lower.", "Not lower.", "fine too.")] + [{"constraint_checks": None}]
     assert generated_constraint_pass_rates(scored) == {"candidates": {"lowercase": 3}, "passed": {"lowercase": 2}}
+
+
+def test_variants_are_extra_relabeled_copies_that_resume_by_id(tiny_model_dir):
+    from utils.clean_model_loader import CleanModelLoader
+    from utils.constraint_data import constrain_accepted, recheck
+    from utils.constraints import TRAINED_FAMILIES, sample_constraint, to_record
+    from utils.records import base_pair_id, variant_id
+
+    _, tokenizer, _ = CleanModelLoader(str(tiny_model_dir), run_sentinels=False).load()
+    # fraction 0: the pairs themselves stay as they are; only their variants carry constraints
+    config = SimpleNamespace(seed=3, constraint_fraction=0.0, constraint_variants=2, constraint_families=list(TRAINED_FAMILIES))
+    lower = to_record(sample_constraint("lowercase", random.Random(0)))
+    generated = {**_judged("r00-00006", "rivers run to the sea."), "instruction": "Describe rivers. " + lower["text"]}
+    files = {"judged": _Appender([_judged(f"r00-{i:05d}", RESPONSES[i % 5]) for i in range(6)] + [generated]),
+             "constrained": _Appender()}
+    keys = [f"r00-{i:05d}" for i in range(7)]
+    constrain_accepted(files, keys, config, tokenizer, {"r00-00006": ("Describe rivers.", generated["instruction"], [lower])})
+    written = [r["id"] for r in files["constrained"]]
+    # two variants per relabeled pair, none for the pair answered under its constraints
+    assert written == [variant_id(key, j) for key in keys[:6] for j in (1, 2)] + ["r00-00006"]
+    by_pair = {}
+    for record in files["constrained"]:
+        if record["id"] == "r00-00006":
+            continue
+        pair = base_pair_id(record["id"])
+        assert record["original_instruction"] == "Describe rivers." and record["original_response"] == RESPONSES[int(pair[-1]) % 5]
+        if record["constraints"]:
+            assert all(c["passed"] for c in recheck(record["constraints"], record["response"]))
+            by_pair.setdefault(pair, set()).add(record["instruction"])
+    assert sum(len(instructions) == 2 for instructions in by_pair.values()) >= 3  # fresh draws per variant, not copies
+    before = list(files["constrained"])
+    constrain_accepted(files, keys, config, tokenizer, {"r00-00006": ("Describe rivers.", generated["instruction"], [lower])})
+    assert list(files["constrained"]) == before
+    # one more variant asked later: only the missing ones are written, the first two unchanged
+    constrain_accepted(files, keys[:6], SimpleNamespace(**{**vars(config), "constraint_variants": 3}), tokenizer)
+    assert [r["id"] for r in files["constrained"]][len(before):] == [variant_id(key, 3) for key in keys[:6]]
+
+
+def test_variant_ids_group_with_their_pair():
+    from utils.records import base_pair_id, first_pairs, variant_id
+
+    assert variant_id("s001-r00-00007", 2) == "s001-r00-00007~v2" and base_pair_id("s001-r00-00007~v2") == "s001-r00-00007"
+    assert base_pair_id("s001-r00-00007") == "s001-r00-00007"
+    records = [{"id": i} for i in ("a", "a~v1", "a~v2", "b", "c", "c~v1")]
+    assert [r["id"] for r in first_pairs(records, 2)] == ["a", "a~v1", "a~v2", "b"]
+    assert first_pairs(records, 3) == records and first_pairs(records, None) == records and first_pairs(records, 0) == []
+    assert sorted(["s000-r00-00001", "s000-r00-00000~v1", "s000-r00-00000"]) == ["s000-r00-00000", "s000-r00-00000~v1",
+                                                                                 "s000-r00-00001"]

@@ -154,7 +154,7 @@ def test_phase_5_writes_a_list_request_as_its_line_list_and_never_relabels_it(ti
     from utils.list_answers import requested_list
 
     _, tokenizer, _ = CleanModelLoader(str(tiny_model_dir), run_sentinels=False).load()
-    config = SimpleNamespace(seed=3, constraint_fraction=1.0, constraint_families=list(TRAINED_FAMILIES))
+    config = SimpleNamespace(seed=3, constraint_fraction=1.0, constraint_variants=0, constraint_families=list(TRAINED_FAMILIES))
     pair = {**_judged("r00-00000", "Red, blue and green."), "instruction": "Name three colours."}
     files = {"judged": _Appender([pair]), "constrained": _Appender()}
     constrain_accepted(files, ["r00-00000"], config, tokenizer, {}, {"r00-00000": requested_list(pair["instruction"])})

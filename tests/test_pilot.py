@@ -494,8 +494,12 @@ def test_pilot_on_the_real_bundled_model(tmp_path):
     # No flags: the calibration measured for this model is chosen by its file hash, and recorded.
     assert manifest["calibration"]["name"] == "gemma-3-270m" and manifest["calibration"]["chosen_by"].startswith("auto")
     assert manifest["config"]["confidence_threshold"] == 0.0 and manifest["config"]["label_swap"] is True
+    assert manifest["config"]["constraint_variants"] == 2
     assert manifest["qc"]["counts"]["candidates"] == 24 and manifest["qc"]["passed"] == (result.returncode == 0)
     records = _lines(out / "sft_data.jsonl")
-    assert len(records) <= 8 and all(r["response"] for r in records)
+    pairs = [r for r in records if "~v" not in r["id"]]
+    assert len(pairs) <= 8 and all(r["response"] for r in records)
+    # the calibration's two relabeled variants per pair: each carries constraints and follows its pair
+    assert len(records) <= 3 * len(pairs) and all(r["constraints"] for r in records if "~v" in r["id"])
     assert manifest["prompt_versions"]["response_generation"] == "response_v4" and "critic_signals" in manifest
     assert manifest["outputs"]["data"]["sha256"]

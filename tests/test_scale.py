@@ -444,3 +444,46 @@ def test_torchrun_two_cpu_ranks_split_shards_and_merge_once(pilot_manifest, tmp_
     assert result.stdout.count("[scale] merged 3 shards") == 1 and "rank 1: my shards are done" in result.stdout
     manifest = require_upstream_manifest(output.with_name("data.manifest.json"), "train", expected_data=output)
     assert [s["count"] for s in manifest["shards"]] == [2, 1, 1] and manifest["overrides"] == {}
+
+
+def test_merge_keeps_variants_with_their_pair_and_counts_pairs():
+    from utils.sharding import merge_records
+
+    shards = [[{"id": "s000-a~v1", "instruction": "Describe rain in one sentence. Use all capitals.",
+                "original_instruction": "Describe rain in one sentence."},
+               {"id": "s000-a", "instruction": "Describe rain in one sentence."},
+               {"id": "s000-b", "instruction": "Give a tip about bread."}],
+              [{"id": "s001-a", "instruction": "describe RAIN in one sentence"},
+               {"id": "s001-a~v1", "instruction": "describe RAIN in one sentence. End with a question mark.",
+                "original_instruction": "describe RAIN in one sentence"},
+               {"id": "s001-c", "instruction": "Name three facts about the moon."}]]
+    kept, removed = merge_records(shards, 0.7)
+    # the variant is not a duplicate of its own pair; that of a removed pair goes with it
+    assert [r["id"] for r in kept] == ["s000-a", "s000-a~v1", "s000-b", "s001-c"]
+    assert [(r["id"], r["kind"]) for r in removed] == [("s001-a", "exact"), ("s001-a~v1", "variant_of_removed")]
+    assert [r["id"] for r in merge_records(shards, 0.7, count=1)[0]] == ["s000-a", "s000-a~v1"]
+
+
+def test_constraint_variants_end_to_end(pilot_manifest, tmp_path):
+    from utils.constraint_data import recheck
+    from utils.records import base_pair_id
+
+    output = tmp_path / "data.jsonl"
+    code, out = scale(pilot_manifest, output, "--constraint-variants", "2")
+    assert code == 0, out
+    records = _lines(output)
+    manifest = json.loads(output.with_name("data.manifest.json").read_text())
+    pairs = [r for r in records if base_pair_id(r["id"]) == r["id"]]
+    variants = [r for r in records if base_pair_id(r["id"]) != r["id"]]
+    assert manifest["pairs"] == len(pairs) == 4 and manifest["records"] == len(records)
+    assert manifest["overrides"]["constraint_variants"] == {"from": 0, "to": 2} and variants
+    assert f"{len(pairs)} pairs and {len(variants)} relabeled variants" in out
+    by_id = {r["id"]: r for r in records}
+    for variant in variants:
+        pair = by_id[base_pair_id(variant["id"])]  # never without its pair
+        assert records.index(pair) < records.index(variant)
+        assert variant["original_instruction"] == (pair["original_instruction"] or pair["instruction"])
+        assert variant["constraints"] and all(c["passed"] for c in recheck(variant["constraints"], variant["response"]))
+    assert manifest["qc"]["constraints"]["constrained"] == sum(bool(r["constraints"]) for r in records)
+    # phase 5 relabels every accepted pair of a shard, also those past the count the merge keeps
+    assert manifest["qc"]["counts"]["constraint_variants"] >= len(variants)

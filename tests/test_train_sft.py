@@ -248,6 +248,24 @@ def test_resume_refuses_a_different_dataset(tmp_path, tiny_model_dir, capsys):
     assert "was trained on dataset old.jsonl (sha256 ffffffffffff...), not on this dataset" in capsys.readouterr().err
 
 
+def test_split_keeps_a_pair_and_its_variants_on_one_side():
+    import random
+
+    from utils.sft_training import split_train_val
+
+    plain = [{"id": f"r{i:03d}"} for i in range(50)]
+    train, val = split_train_val(plain, 0.2, 7)
+    # without variants: the split of one record per pair (a seeded shuffle of the positions)
+    order = list(range(50))
+    random.Random(7).shuffle(order)
+    assert {r["id"] for r in val} == {f"r{i:03d}" for i in order[:10]} and len(train) == 40
+    with_variants = [r for i in range(50) for r in [{"id": f"r{i:03d}"}] + [{"id": f"r{i:03d}~v{j}"} for j in (1, 2)][: i % 3]]
+    train, val = split_train_val(with_variants, 0.2, 7)
+    val_pairs = {r["id"].split("~")[0] for r in val}
+    assert val_pairs == {f"r{i:03d}" for i in order[:10]}  # the same pairs as without variants
+    assert not val_pairs & {r["id"].split("~")[0] for r in train} and len(train) + len(val) == len(with_variants)
+
+
 def test_latest_complete_checkpoint_skips_incomplete(tmp_path):
     from utils.sft_training import latest_complete_checkpoint
 

@@ -241,44 +241,61 @@ def constrain_accepted(files: dict, keys, config, tokenizer, generated: dict | N
     `generated` maps an instruction id whose answers were written under constraints to (its task
     before them, the constrained instruction, the constraints): such a pair is recorded as it is, mode "generated", never relabeled.
     `list_requests` maps an instruction id to the list it asks for: its answer is written as that line
-    list (mode "list_format", the instruction unchanged; `list_answers.list_answer`), never relabeled."""
-    from .completion_prompts import CompletionStylePrompts
+    list (mode "list_format", the instruction unchanged; `list_answers.list_answer`), never relabeled.
+    Every other accepted pair also gets `config.constraint_variants` relabeled copies (ids
+    `records.variant_id(key, j)`), each with constraints drawn afresh for its own id."""
     from .list_answers import list_answer
-    from .prompt_guards import encode_continuation
-    from .records import ConstrainedPairRecord, unique_by_id
+    from .records import unique_by_id, variant_id
 
     wanted, generated, list_requests = set(keys), generated or {}, list_requests or {}
     judged = sorted(unique_by_id(files["judged"].records), key=lambda r: r["id"])
     for record in judged:
         key = record["id"]
-        if key not in wanted or not record["accepted"] or key in files["constrained"]:
+        if key not in wanted or not record["accepted"]:
             continue
         if key in generated:
-            task, _, constraints = generated[key]
-            relabeled = ConstrainedPair(record["instruction"], record["response"], constraints, ["generated"] * len(constraints),
-                                        "generated")
-        elif key in list_requests:
-            answer = list_answer(list_requests[key], record["response"])
-            if answer is None:  # the candidate filter let no non-list through: a bug, never a record
-                raise RuntimeError(f"accepted pair {key} asks for a list but its answer is none: {record['response']!r}")
-            relabeled = ConstrainedPair(record["instruction"], answer.response, [answer.constraint], [answer.mode], "list_format")
-            task = record["instruction"]
-        elif selected_for_constraints(config.seed, key, config.constraint_fraction):
-            relabeled = constrain_pair(record["instruction"], record["response"], config.constraint_families, pair_rng(config.seed, key))
-            task = record["instruction"]
-        else:
-            continue
-        if relabeled is None:
-            instruction, response, constraints, checks, modes, mode = record["instruction"], record["response"], [], [], [], None
-        else:
-            instruction, response, constraints = relabeled.instruction, relabeled.response, relabeled.constraints
-            checks, modes, mode = recheck(constraints, response), relabeled.modes, relabeled.mode
-            failed = [c for c in checks if not c["passed"]]
-            if failed:  # the rewrite or the candidate filter promised a passing text: a bug, never a record
-                raise RuntimeError(f"constrained pair {key} fails its own checker(s) {failed}: instruction {instruction!r}, "
-                                   f"response {response!r}")
-        n_tokens = len(encode_continuation(tokenizer, CompletionStylePrompts.format_completion(response))) if response else 0
-        files["constrained"].append(ConstrainedPairRecord(
-            id=key, round=record["round"], instruction=instruction, response=response, n_response_tokens=n_tokens,
-            original_instruction=task, original_response=record["response"], constraints=constraints,
-            constraint_checks=checks, constraint_mode=mode, constraint_modes=modes).to_dict())
+            if key not in files["constrained"]:
+                task, _, constraints = generated[key]
+                _append_constrained(files, tokenizer, key, record, task, ConstrainedPair(
+                    record["instruction"], record["response"], constraints, ["generated"] * len(constraints), "generated"))
+            continue  # answered under its constraints: no variants
+        task = record["instruction"]
+        if key in list_requests:
+            if key not in files["constrained"]:
+                answer = list_answer(list_requests[key], record["response"])
+                if answer is None:  # the candidate filter let no non-list through: a bug, never a record
+                    raise RuntimeError(f"accepted pair {key} asks for a list but its answer is none: {record['response']!r}")
+                _append_constrained(files, tokenizer, key, record, task, ConstrainedPair(
+                    record["instruction"], answer.response, [answer.constraint], [answer.mode], "list_format"))
+            continue  # a list answer keeps the instruction as asked: no variants
+        if key not in files["constrained"] and selected_for_constraints(config.seed, key, config.constraint_fraction):
+            _append_constrained(files, tokenizer, key, record, task, constrain_pair(
+                record["instruction"], record["response"], config.constraint_families, pair_rng(config.seed, key)))
+        for index in range(1, config.constraint_variants + 1):
+            variant = variant_id(key, index)
+            if variant not in files["constrained"]:
+                _append_constrained(files, tokenizer, variant, record, task, constrain_pair(
+                    record["instruction"], record["response"], config.constraint_families, pair_rng(config.seed, variant)))
+
+
+def _append_constrained(files: dict, tokenizer, key: str, record: dict, task: str, relabeled: ConstrainedPair | None) -> None:
+    """One phase-5 record: the pair as relabeled, re-checked by every checker (a failure is a bug:
+    RuntimeError, never a kept record), or with no constraints where none fitted."""
+    from .completion_prompts import CompletionStylePrompts
+    from .prompt_guards import encode_continuation
+    from .records import ConstrainedPairRecord
+
+    if relabeled is None:
+        instruction, response, constraints, checks, modes, mode = record["instruction"], record["response"], [], [], [], None
+    else:
+        instruction, response, constraints = relabeled.instruction, relabeled.response, relabeled.constraints
+        checks, modes, mode = recheck(constraints, response), relabeled.modes, relabeled.mode
+        failed = [c for c in checks if not c["passed"]]
+        if failed:  # the rewrite or the candidate filter promised a passing text: a bug, never a record
+            raise RuntimeError(f"constrained pair {key} fails its own checker(s) {failed}: instruction {instruction!r}, "
+                               f"response {response!r}")
+    n_tokens = len(encode_continuation(tokenizer, CompletionStylePrompts.format_completion(response))) if response else 0
+    files["constrained"].append(ConstrainedPairRecord(
+        id=key, round=record["round"], instruction=instruction, response=response, n_response_tokens=n_tokens,
+        original_instruction=task, original_response=record["response"], constraints=constraints,
+        constraint_checks=checks, constraint_mode=mode, constraint_modes=modes).to_dict())

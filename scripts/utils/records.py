@@ -24,7 +24,36 @@ from dataclasses import asdict, dataclass, fields
 
 __all__ = ["CandidateRecord", "InstructionRecord", "ResponseRecord", "ScoredResponseRecord", "JudgedPairRecord",
            "ConstrainedPairRecord", "SFTExampleRecord", "EvaluationResponseRecord", "PreferenceInstructionRecord",
-           "PreferencePairRecord", "RECORD_KINDS", "field_names", "unique_by_id"]
+           "PreferencePairRecord", "RECORD_KINDS", "field_names", "unique_by_id", "VARIANT_MARK", "variant_id",
+           "base_pair_id", "first_pairs"]
+
+# A relabeled variant of an accepted pair (the same answer under other constraints) has the id
+# `<pair id>~v<j>`: it sorts right after its pair, and the merge and the train/validation split keep
+# the two together.
+VARIANT_MARK = "~v"
+
+
+def variant_id(pair_id: str, index: int) -> str:
+    return f"{pair_id}{VARIANT_MARK}{index}"
+
+
+def base_pair_id(record_id: str) -> str:
+    """The accepted pair a record comes from: its own id, or the pair a variant was made from."""
+    return record_id.split(VARIANT_MARK, 1)[0]
+
+
+def first_pairs(records: list[dict], count: int | None) -> list[dict]:
+    """The records of the first `count` accepted pairs (in order), each pair with its variants."""
+    if count is None:
+        return list(records)
+    kept, pairs = [], 0
+    for record in records:
+        if base_pair_id(record["id"]) == record["id"]:
+            pairs += 1
+        if pairs > count:
+            break
+        kept.append(record)
+    return kept
 
 
 class _Record:

@@ -40,6 +40,7 @@ from .exit_codes import BadInputError, RefusedError, Stage1Error
 from .jsonl_io import read_keyed_text_records
 from .prompt_guards import encode_continuation, encode_prompt
 from .provenance_helper import model_identity, read_manifest, same_model, sha256_file, write_manifest_atomic
+from .records import base_pair_id
 
 __all__ = [
     "REQUIRED_FIELDS", "NonFiniteLossError", "load_sft_records", "split_train_val", "build_sft_examples",
@@ -81,13 +82,19 @@ def load_sft_records(path) -> list[dict]:
 
 
 def split_train_val(records: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded split; at least one validation record when there are >= 2 records and fraction > 0."""
-    if fraction <= 0 or len(records) < 2:
+    """Seeded split by accepted pair: a pair and its relabeled variants (`records.base_pair_id`) land on
+    the same side, so the validation loss is never measured on an answer trained under other
+    constraints. At least one validation pair when there are >= 2 pairs and fraction > 0; without
+    variants, the same split as one record per pair."""
+    groups: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(base_pair_id(str(record.get("id", i))), []).append(i)
+    if fraction <= 0 or len(groups) < 2:
         return list(records), []
-    order = list(range(len(records)))
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    n_val = min(len(records) - 1, max(1, round(len(records) * fraction)))
-    val_idx = set(order[:n_val])
+    n_val = min(len(order) - 1, max(1, round(len(order) * fraction)))
+    val_idx = {i for group in order[:n_val] for i in group}
     return [r for i, r in enumerate(records) if i not in val_idx], [r for i, r in enumerate(records) if i in val_idx]
 
 

@@ -40,6 +40,7 @@ from .exit_codes import BadInputError, RefusedError
 from .jsonl_io import read_jsonl
 from .provenance_helper import model_identity, read_manifest, same_model, sha256_file
 from .qc import compute_qc
+from .records import base_pair_id, first_pairs
 from .stage1_generation import PHASE_FILES, SFT_DATA_FILE, check_output_path, describe_differences
 
 __all__ = ["SHARD_SEED_STRIDE", "SHARD_MANIFEST", "ShardSpec", "Launch", "shard_seed", "shards_root", "plan_shards",
@@ -209,12 +210,19 @@ def merge_records(shard_records: list[list[dict]], threshold: float, count: int 
 
     Each removed entry is {"id", "shard", "kind": "exact"|"near", "duplicate_of"}, or, for a record
     whose instruction overlaps the held-out test set (`held_out`, a `dedup.OverlapIndex`),
-    {"id", "shard", "kind": "held_out_overlap", "test_id", "match"}.
+    {"id", "shard", "kind": "held_out_overlap", "test_id", "match"}. A relabeled variant (`records.variant_id`)
+    is kept only after its pair and is never a duplicate of it; that of a removed pair is removed
+    ("variant_of_removed"). `count` counts pairs: the first `count` are kept, each with its variants.
     """
     index = NearDuplicateIndex(threshold)
-    kept, removed = [], []
+    kept, removed, kept_pairs = [], [], set()
     for shard, records in enumerate(shard_records):
         for record in sorted(records, key=lambda r: r["id"]):
+            pair = base_pair_id(record["id"])
+            if pair != record["id"] and (shard, pair) not in kept_pairs:
+                # a relabeled variant shares its pair's task: it stands or falls with the pair
+                removed.append({"id": record["id"], "shard": shard, "kind": "variant_of_removed", "duplicate_of": pair})
+                continue
             # A constrained pair's task alone may equal a short test instruction that its appended
             # constraint texts hide from the near-duplicate and 8-gram rules: both are checked.
             task = record.get("original_instruction") or record["instruction"]
@@ -225,13 +233,17 @@ def merge_records(shard_records: list[list[dict]], threshold: float, count: int 
                 removed.append({"id": record["id"], "shard": shard, "kind": "held_out_overlap", "test_id": overlaps[0]["id"],
                                 "match": overlaps[0]["kind"]})
                 continue
+            if pair != record["id"]:
+                kept.append(record)
+                continue
             kind, match = index.find(task)
             if kind != "new":
                 removed.append({"id": record["id"], "shard": shard, "kind": kind, "duplicate_of": match})
                 continue
             index.add(record["id"], task)
+            kept_pairs.add((shard, pair))
             kept.append(record)
-    return (kept if count is None else kept[:count]), removed
+    return first_pairs(kept, count), removed
 
 
 def sum_phase_counts(all_counts: list[dict]) -> dict:
@@ -277,7 +289,7 @@ def merge_shards(specs: list[ShardSpec], count: int, expected_configs: dict[int,
         identity = ident
     data = [read_jsonl(s.data_path, ["id", "instruction", "response"]) for s in specs]
     kept, removed = merge_records(data, threshold, held_out=held_out)
-    records = kept[:count]
+    records = first_pairs(kept, count)
     removed_ids = {r["id"] for r in removed}
     judged = [r for s in specs for r in sorted(read_jsonl(s.judged_path), key=lambda r: r["id"]) if r["id"] not in removed_ids]
     kinds = Counter(r["kind"] for r in removed)
@@ -285,7 +297,7 @@ def merge_shards(specs: list[ShardSpec], count: int, expected_configs: dict[int,
         r["shard"] = specs[r["shard"]].index
     phase_counts = sum_phase_counts([m.get("phase_counts") or {} for m in manifests])
     phase_counts.update(shards=len(specs), cross_shard_exact_duplicates=kinds["exact"], cross_shard_near_duplicates=kinds["near"],
-                        held_out_overlaps_removed=kinds["held_out_overlap"])
+                        held_out_overlaps_removed=kinds["held_out_overlap"], variants_of_removed_pairs=kinds["variant_of_removed"])
     qc = compute_qc(judged, qc_thresholds, phase_counts, critic_signals=critic_signals, constraints=constraint_summary(records))
     shards = [{**s.as_dict(), "manifest": str(s.manifest_path), "manifest_sha256": sha256_file(s.manifest_path),
                "data_sha256": m["outputs"]["data"]["sha256"], "records": m.get("records"), "qc_passed": m["qc"]["passed"],

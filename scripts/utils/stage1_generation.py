@@ -69,7 +69,7 @@ from .list_answers import requested_list
 from .prompt_guards import contains_chat_marker, encode_continuation
 from .provenance_helper import MODEL_IDENTITY_KEYS, model_identity, read_manifest, same_model
 from .qc import QC_THRESHOLD_RANGES, QC_THRESHOLDS, compute_qc
-from .records import CandidateRecord, InstructionRecord, ResponseRecord, SFTExampleRecord, unique_by_id
+from .records import CandidateRecord, InstructionRecord, ResponseRecord, SFTExampleRecord, base_pair_id, unique_by_id, variant_id
 from .response_selection import CriticSignals, candidate_key, judge_instructions, measure_signals, score_candidates
 
 __all__ = ["Stage1Config", "PHASE_FILES", "SFT_DATA_FILE", "RUN_CONFIG_FILE", "BLACKLIST_KEYWORDS", "blacklisted_keyword",
@@ -114,6 +114,7 @@ class Stage1Config:
     min_signal_auc: float = DEFAULT_MIN_AUC
     constraint_fraction: float = 0.3
     generated_constraint_fraction: float = 0.3
+    constraint_variants: int = 0
     list_answers: bool = True
     constraint_families: list = field(default_factory=lambda: list(TRAINED_FAMILIES))
     num_examples: int = 5
@@ -177,6 +178,9 @@ TUNABLE_SETTINGS = (
     Setting(("generated_constraint_fraction",), probability,
             "fraction of accepted instructions answered under sampled constraints (candidates that fail a checker are "
             "rejected; the rest are relabeled at --constraint-fraction)"),
+    Setting(("constraint_variants",), non_negative_int,
+            "relabeled copies added per accepted pair (not the list answers or those answered under constraints), each with "
+            "constraints drawn afresh: more constrained examples per family from the same answers (ids <pair id>~v<j>)"),
     Setting(("list_answers",), None, "an instruction that asks for a list gets one: its candidates that are neither a line list "
                                      "nor an inline enumeration are filtered (not_a_list), and the kept answer is written one item "
                                      "per line with the asked number of items, checked (constraint mode list_format)"),
@@ -460,8 +464,9 @@ def generate_into_folder(job: GenerationJob, loaded: tuple, args, *, batch_size:
     data_path = folder / SFT_DATA_FILE
     write_jsonl_atomic(data_path, result["final"])
     qc = result["qc"]
-    if len(result["final"]) < config.count:
-        qc["shortfall"] = f"{len(result['final'])} accepted of {config.count} asked after {config.max_rounds} rounds"
+    pairs = sum(base_pair_id(r["id"]) == r["id"] for r in result["final"])
+    if pairs < config.count:
+        qc["shortfall"] = f"{pairs} accepted of {config.count} asked after {config.max_rounds} rounds"
     outputs = {"data": data_path, "judged": folder / PHASE_FILES["judged"], "scored_responses": folder / PHASE_FILES["scored"]}
     if (folder / "probe.json").exists():
         outputs["probe"] = folder / "probe.json"
@@ -723,8 +728,9 @@ def _summarize(files: dict, config: Stage1Config, critic_signals: CriticSignals 
         "response_candidates_scored": len(scored),
         "response_candidate_filters": dict(Counter(reason for r in scored for reason in r["filter_reasons"])),
         "judged_rejection_reasons": dict(Counter(reason for r in judged for reason in r["rejection_reasons"])),
-        "constraint_selected": len(constrained),
-        "constraint_unconstrainable": sum(not r["constraints"] for r in constrained.values()),
+        "constraint_selected": sum(base_pair_id(key) == key for key in constrained),
+        "constraint_unconstrainable": sum(not r["constraints"] for key, r in constrained.items() if base_pair_id(key) == key),
+        "constraint_variants": sum(bool(r["constraints"]) for key, r in constrained.items() if base_pair_id(key) != key),
         "generated_constraint_instructions": len({r["instruction_id"] for r in scored if r.get("constraint_checks")}),
         "list_request_instructions": len(_list_requests(files, all_keys, config, _generated_constraints(files, all_keys, config))),
         "list_format_pairs": sum(r["constraint_mode"] == "list_format" for r in constrained.values()),
@@ -735,7 +741,13 @@ def _summarize(files: dict, config: Stage1Config, critic_signals: CriticSignals 
     phase_counts["instruction_critic_acceptance_rate"] = phase_counts["instruction_critic_accepted"] / judged_instr if judged_instr else None
     generation = {"instruction": config.instruction.as_dict(), "response": config.response.as_dict()}
     accepted = [r for r in judged if r["accepted"]][: config.count]
-    final = [SFTExampleRecord.from_judged(r, constrained.get(r["id"]), generation, config.seed).to_dict() for r in accepted]
+    final = []
+    for pair in accepted:
+        final.append(SFTExampleRecord.from_judged(pair, constrained.get(pair["id"]), generation, config.seed).to_dict())
+        for index in range(1, config.constraint_variants + 1):
+            variant = constrained.get(variant_id(pair["id"], index))
+            if variant and variant["constraints"]:  # a variant no constraint fitted would repeat the pair
+                final.append(SFTExampleRecord.from_judged({**pair, "id": variant["id"]}, variant, generation, config.seed).to_dict())
     signals = critic_signals.as_record() if critic_signals is not None else None
     qc = compute_qc(judged, config.qc_thresholds, phase_counts, critic_signals=signals, constraints=constraint_summary(final),
                     candidates=scored)
