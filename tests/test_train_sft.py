@@ -301,3 +301,23 @@ def test_speed_flags_are_recorded_in_the_manifest_and_the_sft_config(tmp_path, t
     assert [h["step"] for h in manifest["loss_history"]["eval"]] == [1, 2]  # every step, not every --save-steps
     identity = json.loads((out / "run_identity.json").read_text())
     assert identity["hyperparameters"]["group_by_length"] is True
+
+
+@pytest.mark.slow  # compiles the tiny model: ~45 s
+def test_regional_compilation_keeps_counting_train_tokens_after_an_evaluation(tmp_path, tiny_model_dir):
+    """accelerate's regional compilation trains a shallow copy of the model's outer modules; after the first
+    evaluation the original's own flag stayed in eval mode, so TRL logged every later step as eval_* and stopped
+    counting train tokens (a 2 x H200 run recorded 56,536 of ~1.08 M). The guard sets the flag back."""
+    data = write_dataset(tmp_path / "data", n=24)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STAGE1_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--data", str(data), "--model", str(tiny_model_dir), "--output", str(out),
+                           "--quantization", "none", "--per-device-batch-size", "4", "--max-steps", "6", "--logging-steps", "1",
+                           "--save-steps", "2", "--eval-steps", "2", "--val-fraction", "0.2", "--torch-compile", "regional"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_logs = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if "'loss':" in line]
+    assert len(train_logs) >= 6 and not any("eval_num_tokens" in line for line in train_logs)
+    manifest = json.loads((out / "training_manifest.json").read_text())
+    # 6 steps x 4 examples is more than the 19 training examples: more than one epoch's tokens
+    assert manifest["train_tokens"] > manifest["dataset"]["train"]["tokens"] > 0

@@ -295,6 +295,12 @@ class TrainingGuardCallback(TrainerCallback):
             self._record(entry, state, check=False)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and not model.training:
+            # Regional compilation (accelerate's compile_regions) trains a shallow copy of the model's outer
+            # modules: after an evaluation, train() reaches the copy and the shared layers but not the original's
+            # own flag, so TRL took every later step for evaluation (its metrics logged as eval_*, the train
+            # tokens no longer counted). The layers already train; this only sets the outer flags back.
+            model.train()
         if self._nan_at and state.global_step + 1 == self._nan_at and model is not None:
             import torch
 
