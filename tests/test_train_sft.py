@@ -251,6 +251,7 @@ def test_resume_refuses_a_different_dataset(tmp_path, tiny_model_dir, capsys):
 def test_split_keeps_a_pair_and_its_variants_on_one_side():
     import random
 
+    from utils.records import base_pair_id
     from utils.sft_training import split_train_val
 
     plain = [{"id": f"r{i:03d}"} for i in range(50)]
@@ -261,9 +262,9 @@ def test_split_keeps_a_pair_and_its_variants_on_one_side():
     assert {r["id"] for r in val} == {f"r{i:03d}" for i in order[:10]} and len(train) == 40
     with_variants = [r for i in range(50) for r in [{"id": f"r{i:03d}"}] + [{"id": f"r{i:03d}~v{j}"} for j in (1, 2)][: i % 3]]
     train, val = split_train_val(with_variants, 0.2, 7)
-    val_pairs = {r["id"].split("~")[0] for r in val}
+    val_pairs = {base_pair_id(r["id"]) for r in val}
     assert val_pairs == {f"r{i:03d}" for i in order[:10]}  # the same pairs as without variants
-    assert not val_pairs & {r["id"].split("~")[0] for r in train} and len(train) + len(val) == len(with_variants)
+    assert not val_pairs & {base_pair_id(r["id"]) for r in train} and len(train) + len(val) == len(with_variants)
 
 
 def test_latest_complete_checkpoint_skips_incomplete(tmp_path):

@@ -88,7 +88,7 @@ def split_train_val(records: list, fraction: float, seed: int) -> tuple[list, li
     variants, the same split as one record per pair."""
     groups: dict[str, list[int]] = {}
     for i, record in enumerate(records):
-        groups.setdefault(base_pair_id(str(record.get("id", i))), []).append(i)
+        groups.setdefault(base_pair_id(record["id"]), []).append(i)
     if fraction <= 0 or len(groups) < 2:
         return list(records), []
     order = list(groups.values())
