@@ -21,6 +21,10 @@ callback), once per configuration; each is the training flag of the same name on
   liger            --liger-kernel (needs CUDA and the optional liger-kernel; skipped with the reason otherwise)
   lora_16bit       --quantization none: LoRA on the 16-bit base (a comparison; QLoRA stays the default)
   fast             no_upcast + group_by_length + compile_regional: the options that keep the semantics and combine (Liger under compile failed)
+  eager_16bit      lora_16bit + group_by_length + liger: no compilation to wait for
+  fast_16bit       lora_16bit + group_by_length + compile_regional
+  no_cudnn_attention  --no-cudnn-attention: attention without cuDNN's per-shape execution plans
+  lean_16bit       lora_16bit + group_by_length + no_cudnn_attention: nothing to compile, nothing optional to install
 
 Per row: tokens/s of real (non-pad) tokens over the steps after --warmup-steps (TRL's own count), the warm-up's
 seconds, the padded share of the timed batches, MFU, the mean training loss, the evaluation loss on
@@ -62,13 +66,17 @@ from utils.cli_validation import non_negative_int, positive_float, positive_int 
 from utils.exit_codes import run_cli  # noqa: E402
 
 OPTIONS = dict(padding_free=False, packing=False, kbit_upcast=True, group_by_length=False, rare_logging=False,
-               torch_compile="off", liger_kernel=False, quantization=None)
+               torch_compile="off", liger_kernel=False, quantization=None, cudnn_attention=True)
 CONFIGURATIONS = {"plain": {}, "padding_free": dict(padding_free=True), "packing": dict(padding_free=True, packing=True),
                   "no_upcast": dict(kbit_upcast=False), "group_by_length": dict(group_by_length=True),
                   "rare_logging": dict(rare_logging=True), "torch_compile": dict(torch_compile="model"),
                   "compile_regional": dict(torch_compile="regional"), "liger": dict(liger_kernel=True), "lora_16bit": dict(quantization="none"),
                   # Liger stays out: its RMSNorm inside a compiled region failed (dynamo AssertionError, H200, 2026-11-27).
-                  "fast": dict(kbit_upcast=False, group_by_length=True, torch_compile="regional")}
+                  "fast": dict(kbit_upcast=False, group_by_length=True, torch_compile="regional"),
+                  "eager_16bit": dict(quantization="none", group_by_length=True, liger_kernel=True),
+                  "fast_16bit": dict(quantization="none", group_by_length=True, torch_compile="regional"),
+                  "no_cudnn_attention": dict(cudnn_attention=False),
+                  "lean_16bit": dict(quantization="none", group_by_length=True, cudnn_attention=False)}
 DEFAULT_CONFIGURATIONS = [name for name in CONFIGURATIONS if name not in ("padding_free", "packing")]
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 _LAUNCHES = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"}
@@ -247,7 +255,8 @@ def measure(label: str, options: dict, base, tokenizer, data: dict, args, checkp
                                   save_steps=10 ** 9, save_total_limit=None, seed=0, max_seq_length=args.max_seq_length,
                                   logging_steps=args.steps if options["rare_logging"] else 10, packing=options["packing"],
                                   group_by_length=options["group_by_length"], torch_compile=options["torch_compile"],
-                                  liger_kernel=options["liger_kernel"], eval_steps=None, eval_batch_size=len(data["eval"]))
+                                  liger_kernel=options["liger_kernel"], cudnn_attention=options["cudnn_attention"],
+                                  eval_steps=None, eval_batch_size=len(data["eval"]))
     config = sft.build_sft_config(settings, args.scratch_dir / f"trainer_{label}", padding_free=options["padding_free"],
                                   has_eval=False, gradient_checkpointing=checkpointing)
     transformers.set_seed(0)  # TRL initialises LoRA before the Trainer seeds: every configuration starts from the same adapter

@@ -22,6 +22,11 @@
 # Learning rate: the bundled gemma-3-270m (no --model) trains at 5e-4 on the gpu profile, measured better
 # than the source's 2e-4 in two paired runs (docs/measurements.md, "Constraint variants"); any other model,
 # and the cpu profile, keep the source's 2e-4. LR=... sets it for any model.
+# Training: the bundled model trains LoRA on its 16-bit base on the gpu profile (QUANT=none; its weights are 0.5 GB, and
+# against 4-bit QLoRA on the same data it trained faster to a lower eval loss, docs/measurements.md, "Training speed");
+# any other model, and the cpu profile, keep --quantization auto (4-bit QLoRA on CUDA, as the source asks). QUANT=4bit,
+# none or auto sets it for any model. The gpu TRAIN_ARGS also group batches by length and keep attention off cuDNN
+# (--no-cudnn-attention): the same examples per step, less padding and no per-shape cuDNN plans.
 # STAGE1_SKIP_INSTALL=1 uses the python on PATH.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -37,7 +42,7 @@ while [ $# -gt 0 ]; do
         --root) root=$2 ;;
       esac
       shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -48,7 +53,7 @@ case "$profile" in
   # On a GPU the effective batch stays the source's 8 (8 x 1 instead of 1 x 8): 8.6x faster on gemma-3-270m.
   # Best of 4 response candidates on a GPU (every measured GPU run in docs/measurements.md since response_v4); 1 on a CPU.
   gpu) : "${TEST_COUNT:=200}" "${PILOT_COUNT:=200}" "${SCALE_COUNT:=2000}" "${SHARDS:=4}" "${EPOCHS:=3}" "${BATCH:=256}" \
-         "${TRAIN_ARGS=--per-device-batch-size 8 --grad-accum 1}" "${GEN_ARGS=--num-candidates 4}" ;;
+         "${TRAIN_ARGS=--per-device-batch-size 8 --grad-accum 1 --group-by-length --no-cudnn-attention}" "${GEN_ARGS=--num-candidates 4}" ;;
   cpu) : "${TEST_COUNT:=25}" "${PILOT_COUNT:=16}" "${SCALE_COUNT:=16}" "${SHARDS:=2}" "${EPOCHS:=1}" "${BATCH:=16}" "${TRAIN_ARGS=}" \
          "${GEN_ARGS=}" ;;
   *) echo "--profile must be gpu, cpu or auto" >&2; exit 2 ;;
@@ -58,6 +63,14 @@ if [ -z "${LR:-}" ]; then
   LR=2e-4
   [ "$profile" = gpu ] && [ ${#model_args[@]} -eq 0 ] && LR=5e-4
 fi
+if [ -z "${QUANT:-}" ]; then
+  QUANT=auto
+  [ "$profile" = gpu ] && [ ${#model_args[@]} -eq 0 ] && QUANT=none
+fi
+case "$QUANT" in
+  auto|4bit|none) ;;
+  *) echo "QUANT must be auto, 4bit or none, got '$QUANT'" >&2; exit 2 ;;
+esac
 if [ -z "${SCALE_RANKS:-}" ]; then
   SCALE_RANKS=1
   [ "$profile" = gpu ] && SCALE_RANKS=$(python -c "import torch; print(max(1, min(torch.cuda.device_count(), $SHARDS)))")
@@ -72,7 +85,7 @@ pilot=$root/artifacts/pilot
 dataset=$root/data/stage1_sft_data.jsonl
 checkpoint=$root/checkpoints/stage1_sft
 results=$root/results/sft_eval
-echo "[stage1] profile=$profile test=$TEST_COUNT pilot=$PILOT_COUNT scale=$SCALE_COUNT shards=$SHARDS scale_ranks=$SCALE_RANKS epochs=$EPOCHS batch=$BATCH lr=$LR"
+echo "[stage1] profile=$profile test=$TEST_COUNT pilot=$PILOT_COUNT scale=$SCALE_COUNT shards=$SHARDS scale_ranks=$SCALE_RANKS epochs=$EPOCHS batch=$BATCH lr=$LR quantization=$QUANT"
 started=$(date +%s)
 
 stage stage1 "test set" python scripts/generate_test_instructions.py --count "$TEST_COUNT" --output "$test_set"
@@ -84,7 +97,7 @@ if [ -f "$checkpoint/final_adapter/TRAINING_SUCCESS" ] && [ "$checkpoint/final_a
   echo "[stage1] === train: $checkpoint/final_adapter/TRAINING_SUCCESS is newer than the dataset; skipped"
 else
   read -r -a train_args <<< "${TRAIN_ARGS:-}"
-  stage stage1 "train" python scripts/train_stage1_sft.py --data "$dataset" --output "$checkpoint" --epochs "$EPOCHS" --lr "$LR" --resume \
+  stage stage1 "train" python scripts/train_stage1_sft.py --data "$dataset" --output "$checkpoint" --epochs "$EPOCHS" --lr "$LR" --quantization "$QUANT" --resume \
     "${model_args[@]}" "${train_args[@]}"
 fi
 stage stage1 "evaluate" python scripts/evaluate_stage1_sft.py --sft-checkpoint "$checkpoint/final_adapter" --test-set "$test_set" \

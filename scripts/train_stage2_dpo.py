@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--max-length", type=positive_int, default=512, help="tokens of prompt + response (longer ones are cut at the end)")
     add("--seed", type=in_range(int, 0, 2**32 - 1), default=42, help="seed for the split and data order")
     add("--quantization", choices=["auto", "4bit", "none"], default="auto",
-        help="base weights: 4bit = bitsandbytes NF4 (QLoRA); auto = 4bit where CUDA is present, none on a CPU-only machine")
+        help="base weights: 4bit = bitsandbytes NF4 (QLoRA); auto = on CUDA the Stage 1 adapter's own (from its training "
+             "manifest; else 4bit), none on a CPU-only machine")
     add("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
         help="recompute activations in backward to save memory; auto = on for models of 1B+ parameters")
     add_training_run_flags(add)
@@ -132,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
     from utils.clean_model_loader import CleanModelLoader
     from utils.sft_training import load_adapter
 
-    quantization = sft.resolve_quantization(args.quantization)
+    quantization = dpo.resolve_dpo_quantization(args.quantization, up.stage1.manifest)
     records = dpo.load_preference_records(args.pairs)  # exit 2 naming file:line
     hyperparameters = sft.run_hyperparameters(args, quantization, dpo.DPO_RUN_HYPERPARAMETERS)
     plan = sft.check_resume(args.output, args.resume, up.pairs_sha, hyperparameters, args.allow_changed_hyperparameters)

@@ -91,6 +91,22 @@ def _chosen_logp(model, tokenizer) -> float:
     return float(logps.gather(-1, torch.tensor(answer).unsqueeze(-1)).sum())
 
 
+def test_dpo_quantization_follows_the_stage1_adapter_on_cuda(monkeypatch):
+    import torch
+
+    from utils.dpo_training import resolve_dpo_quantization
+
+    def trained_on(quantization):
+        return {"run_identity": {"hyperparameters": {"quantization": quantization}}}
+
+    assert resolve_dpo_quantization("auto", trained_on("none")) == "none"  # no CUDA here: auto is none anyway
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_dpo_quantization("auto", trained_on("none")) == "none"
+    assert resolve_dpo_quantization("auto", trained_on("4bit")) == "4bit"
+    assert resolve_dpo_quantization("auto", None) == "4bit"  # an adapter copied away from its manifest: the source's QLoRA
+    assert resolve_dpo_quantization("4bit", trained_on("none")) == "4bit"  # asked for explicitly
+
+
 def test_two_steps_start_from_and_refer_to_the_stage1_adapter(workspace, tmp_path):
     from utils import evaluation as ev
     from utils.clean_model_loader import CleanModelLoader

@@ -29,6 +29,7 @@ def test_defaults_keep_todays_training_config(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     args = _parse(["--save-steps", "25", "--per-device-batch-size", "8"])
     assert (args.kbit_upcast, args.group_by_length, args.torch_compile, args.liger_kernel) == (True, False, "off", False)
+    assert args.cudnn_attention is True
     assert args.eval_steps is None and args.eval_batch_size is None
     config = _config(args, tmp_path)
     assert config.train_sampling_strategy == "random" and config.torch_compile is False and config.use_liger_kernel is False
@@ -50,6 +51,21 @@ def test_speed_flags_reach_the_sft_config(tmp_path, monkeypatch):
     config = _config(_parse(["--torch-compile", "model"]), tmp_path, has_eval=False)
     assert config.torch_compile is True and config.eval_steps is None
     assert os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] == "0"
+
+
+def test_cudnn_attention_flag_switches_pytorchs_cudnn_attention_on_cuda_only(tmp_path, monkeypatch):
+    import torch
+
+    from utils import sft_training as sft
+
+    assert _parse(["--no-cudnn-attention"]).cudnn_attention is False
+    assert sft.set_cudnn_attention(False) is False and torch.backends.cuda.cudnn_sdp_enabled()  # no CUDA: nothing touched
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        assert sft.set_cudnn_attention(False) is True and not torch.backends.cuda.cudnn_sdp_enabled()
+        assert sft.set_cudnn_attention(True) is True and torch.backends.cuda.cudnn_sdp_enabled()  # a later run's own choice
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
 
 
 @pytest.mark.parametrize("argv,needle", [(["--eval-steps", "0"], "--eval-steps"), (["--eval-batch-size", "-1"], "--eval-batch-size"),
@@ -170,9 +186,10 @@ def _benchmark(tmp_path, trained_model_dir, configurations, *extra):
     return result, out
 
 
-@pytest.mark.slow  # 40-60 s on 2 shared cores: nine trainer runs
+@pytest.mark.slow  # 50-75 s on 2 shared cores: eleven trainer runs
 def test_benchmark_runs_every_cpu_configuration_and_profiles_one(tmp_path, trained_model_dir):
-    configurations = ["plain", "padding_free", "packing", "no_upcast", "group_by_length", "rare_logging", "liger", "lora_16bit"]
+    configurations = ["plain", "padding_free", "packing", "no_upcast", "group_by_length", "rare_logging", "liger", "lora_16bit",
+                      "no_cudnn_attention", "lean_16bit"]
     result, out = _benchmark(tmp_path, trained_model_dir, configurations, "--profile", "plain", "--profile-steps", 2)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -190,6 +207,12 @@ def test_benchmark_runs_every_cpu_configuration_and_profiles_one(tmp_path, train
     # The same examples and math give the same losses: exactly where only the logging differs (so the reused base
     # carried nothing over from earlier rows), within float noise for the flattened batch.
     assert (rows["rare_logging"]["train_loss"], rows["rare_logging"]["eval_loss"]) == (rows["plain"]["train_loss"], rows["plain"]["eval_loss"])
+    # No cuDNN on a CPU: the flag is recorded and changes nothing.
+    assert rows["no_cudnn_attention"]["cudnn_attention"] is False and rows["plain"]["cudnn_attention"] is True
+    no_cudnn = rows["no_cudnn_attention"]
+    assert (no_cudnn["train_loss"], no_cudnn["eval_loss"]) == (rows["plain"]["train_loss"], rows["plain"]["eval_loss"])
+    lean = rows["lean_16bit"]
+    assert (lean["quantization"], lean["group_by_length"], lean["cudnn_attention"], lean["torch_compile"]) == (None, True, False, "off")
     assert abs(rows["no_upcast"]["eval_loss_vs_plain"]) < 1e-3 and abs(rows["padding_free"]["eval_loss_vs_plain"]) < 1e-3
     profile = report["profiles"][0]
     assert profile["configuration"] == "plain" and profile["steps"] == 2 and profile["wall_s_per_step"] > 0

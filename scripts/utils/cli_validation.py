@@ -148,6 +148,11 @@ def add_training_speed_flags(add) -> None:
     add("--liger-kernel", action=_LigerKernelFlag,
         help="Liger's Triton kernels for norms, rotary embedding and the MLP activation (TRL keeps its own fused LM head "
              "and loss); needs the optional liger-kernel package and CUDA, else exit 2 [benchmark: liger]")
+    add("--cudnn-attention", action=argparse.BooleanOptionalAction, default=True,
+        help="CUDA: let PyTorch's attention use cuDNN's fused kernel, which it prefers on Hopper GPUs. cuDNN builds an "
+             "execution plan on the host for every new batch shape, and padded training batches change shape almost every "
+             "step; --no-cudnn-attention leaves attention to PyTorch's memory-efficient and flash kernels (the same "
+             "attention; numerics change slightly) [benchmark: no_cudnn_attention]")
     add("--eval-steps", type=positive_int, default=None,
         help="evaluate every N optimizer steps (default: --save-steps); each evaluation pauses training")
     add("--eval-batch-size", type=positive_int, default=None,

@@ -29,7 +29,7 @@ from .prompt_guards import encode_continuation, encode_prompt
 
 __all__ = ["PREFERENCE_FIELDS", "DPO_METRICS", "DPO_RUN_HYPERPARAMETERS", "DEFAULT_BETA", "DEFAULT_LR", "REFERENCE_ADAPTER",
            "POLICY_ADAPTER", "load_preference_records", "build_preference_examples", "build_dpo_config",
-           "build_dpo_trainer", "save_policy_adapter", "plot_dpo_curves"]
+           "build_dpo_trainer", "save_policy_adapter", "plot_dpo_curves", "resolve_dpo_quantization"]
 
 PREFERENCE_FIELDS = ("id", "instruction", "chosen", "rejected")
 # The logged values kept per step beside the losses (TrainingGuardCallback metric_keys).
@@ -47,6 +47,20 @@ DEFAULT_BETA = 0.1
 DEFAULT_LR = 5e-6
 POLICY_ADAPTER = "default"  # peft's name for the adapter loaded first: the trained copy of the Stage 1 adapter
 REFERENCE_ADAPTER = "ref"  # the frozen copy TRL makes of it
+
+
+def resolve_dpo_quantization(requested: str, stage1_manifest: dict | None) -> str:
+    """auto: on CUDA, the base the Stage 1 adapter was trained on (4-bit or 16-bit, from its training manifest), so
+    DPO continues the adapter on the same weights (the gpu driver trains the bundled model on its 16-bit base);
+    otherwise, and for an adapter without that record, `sft_training.resolve_quantization`."""
+    import torch
+
+    from .sft_training import resolve_quantization
+
+    recorded = (((stage1_manifest or {}).get("run_identity") or {}).get("hyperparameters") or {}).get("quantization")
+    if requested == "auto" and recorded in ("4bit", "none") and torch.cuda.is_available():
+        return recorded
+    return resolve_quantization(requested)
 
 
 def load_preference_records(path) -> list[dict]:

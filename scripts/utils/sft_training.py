@@ -44,7 +44,7 @@ from .records import base_pair_id
 
 __all__ = [
     "REQUIRED_FIELDS", "NonFiniteLossError", "load_sft_records", "split_train_val", "build_sft_examples",
-    "make_lora_config", "prepare_quantized_model", "resolve_quantization", "resolve_gradient_checkpointing",
+    "make_lora_config", "prepare_quantized_model", "set_cudnn_attention", "resolve_quantization", "resolve_gradient_checkpointing",
     "resolve_padding_free", "liger_kernel_problem", "build_sft_config", "build_trainer", "TrainingGuardCallback", "install_sigterm_handler",
     "train_with_sigterm_guard", "final_eval_loss",
     "latest_complete_checkpoint", "whole_run_train_loss", "plot_loss_curve", "load_adapter",
@@ -216,11 +216,26 @@ def resolve_padding_free(requested: bool | None, model, batch_size: int, packing
     return False, f"off (auto: padded batches; padding-free pays only with flash attention and batch > 1, here {impl}, batch {batch_size})"
 
 
+def set_cudnn_attention(enabled: bool) -> bool:
+    """Whether PyTorch's attention may pick cuDNN's fused kernel (CUDA only; returns whether anything was set).
+
+    On Hopper PyTorch prefers cuDNN for masked attention, and cuDNN builds an execution plan on the host for each new
+    batch shape; padded training batches change shape almost every step. Measured on an H200 (docs/measurements.md,
+    "Training speed"): the bundled model's 4-bit step went from 1,180 to 2,825 tokens/s without it. Process-wide, so
+    it is set either way and a later run in the same process (the benchmark's rows) gets its own choice."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    torch.backends.cuda.enable_cudnn_sdp(bool(enabled))
+    return True
+
+
 def build_sft_config(args, output_dir, *, padding_free: bool, has_eval: bool, gradient_checkpointing: bool):
     """TRL's SFTConfig from train_stage1_sft.py's arguments (epochs, lr, per_device_batch_size,
     grad_accum, max_steps, save_steps, save_total_limit, logging_steps, seed, packing,
     max_seq_length; and, where present, the speed flags of `add_training_speed_flags`: group_by_length,
-    torch_compile ("off", "model" or "regional"), liger_kernel, eval_steps, eval_batch_size) and the values
+    torch_compile ("off", "model" or "regional"), liger_kernel, cudnn_attention, eval_steps, eval_batch_size) and the values
     resolved once the model is loaded. A torch_compile other than "off" sets accelerate's dynamo environment
     variables for this process (dynamic shapes; regional compilation or not).
 
@@ -242,6 +257,7 @@ def build_sft_config(args, output_dir, *, padding_free: bool, has_eval: bool, gr
         # layer class once instead of the whole model.
         os.environ["ACCELERATE_DYNAMO_USE_DYNAMIC"] = "1"
         os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "1" if compile_mode == "regional" else "0"
+    set_cudnn_attention(getattr(args, "cudnn_attention", True))
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     eval_steps = getattr(args, "eval_steps", None) or args.save_steps
     return SFTConfig(
