@@ -25,6 +25,7 @@ callback), once per configuration; each is the training flag of the same name on
   fast_16bit       lora_16bit + group_by_length + compile_regional
   no_cudnn_attention  --no-cudnn-attention: attention without cuDNN's per-shape execution plans
   lean_16bit       lora_16bit + group_by_length + no_cudnn_attention: nothing to compile, nothing optional to install
+  lean_compiled    lean_16bit + compile_regional
 
 Per row: tokens/s of real (non-pad) tokens over the steps after --warmup-steps (TRL's own count), the warm-up's
 seconds, the padded share of the timed batches, MFU, the mean training loss, the evaluation loss on
@@ -76,7 +77,8 @@ CONFIGURATIONS = {"plain": {}, "padding_free": dict(padding_free=True), "packing
                   "eager_16bit": dict(quantization="none", group_by_length=True, liger_kernel=True),
                   "fast_16bit": dict(quantization="none", group_by_length=True, torch_compile="regional"),
                   "no_cudnn_attention": dict(cudnn_attention=False),
-                  "lean_16bit": dict(quantization="none", group_by_length=True, cudnn_attention=False)}
+                  "lean_16bit": dict(quantization="none", group_by_length=True, cudnn_attention=False),
+                  "lean_compiled": dict(quantization="none", group_by_length=True, cudnn_attention=False, torch_compile="regional")}
 DEFAULT_CONFIGURATIONS = [name for name in CONFIGURATIONS if name not in ("padding_free", "packing")]
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 _LAUNCHES = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"}

@@ -220,13 +220,15 @@ def test_benchmark_runs_every_cpu_configuration_and_profiles_one(tmp_path, train
     assert "top ops by self_cpu_time_total" in text and "aten::mm" in text
 
 
-@pytest.mark.slow  # 2-3 min on 2 shared cores: inductor compiles the tiny model twice
+@pytest.mark.slow  # 3-4 min on 2 shared cores: inductor compiles the tiny model three times
 def test_benchmark_compiled_configurations_run_on_the_cpu(tmp_path, trained_model_dir):
-    result, out = _benchmark(tmp_path, trained_model_dir, ["plain", "torch_compile", "compile_regional", "fast"])
+    result, out = _benchmark(tmp_path, trained_model_dir, ["plain", "torch_compile", "compile_regional", "fast", "lean_compiled"])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {row["configuration"]: row for row in json.loads(out.read_text())["rows"]}
     assert (rows["torch_compile"]["torch_compile"], rows["compile_regional"]["torch_compile"]) == ("model", "regional")
     assert rows["fast"]["kbit_upcast"] is False and rows["fast"]["group_by_length"] is True and rows["fast"]["torch_compile"] == "regional"
     assert rows["fast"]["liger_kernel"] is False and not rows["fast"].get("note")
+    lean = rows["lean_compiled"]
+    assert (lean["quantization"], lean["cudnn_attention"], lean["torch_compile"]) == (None, False, "regional") and lean["tokens_per_s"] > 0
     for label in ("torch_compile", "compile_regional"):  # compiled kernels, the same math
         assert rows[label]["tokens_per_s"] > 0 and abs(rows[label]["eval_loss_vs_plain"]) < 1e-3
