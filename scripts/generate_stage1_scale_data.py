@@ -162,7 +162,7 @@ def _merge(args, specs, config, overrides, pilot, signals, held_out) -> int:
     from utils.jsonl_io import write_jsonl_atomic
     from utils.provenance_helper import create_session_manifest, resolve_recorded_path, write_manifest_atomic
     from utils.qc import format_qc_table
-    from utils.records import base_pair_id
+    from utils.records import count_pairs
     from utils.sharding import exclusive_lock, merge_shards, merged_manifest_path, model_override, shards_root
 
     start = time.time()
@@ -172,7 +172,7 @@ def _merge(args, specs, config, overrides, pilot, signals, held_out) -> int:
                               config.near_duplicate_threshold, config.qc_thresholds, held_out=held_out,
                               critic_signals=signals.as_record())
         records, qc, dedup = merged["records"], merged["qc"], merged["dedup"]
-        pairs = sum(base_pair_id(r["id"]) == r["id"] for r in records)
+        pairs = count_pairs(records)
         if pairs < args.count:
             qc["shortfall"] = (f"{pairs} pairs of {args.count} asked ({dedup['exact_removed']} exact and {dedup['near_removed']} "
                                f"near duplicates, {dedup['held_out_overlaps_removed']} held-out overlaps removed)")

@@ -59,13 +59,15 @@ case "$profile" in
   *) echo "--profile must be gpu, cpu or auto" >&2; exit 2 ;;
 esac
 read -r -a gen_args <<< "${GEN_ARGS:-}"
+bundled_on_gpu=0  # the bundled model's measured gpu settings (lr, 16-bit base; see the header)
+[ "$profile" = gpu ] && [ ${#model_args[@]} -eq 0 ] && bundled_on_gpu=1
 if [ -z "${LR:-}" ]; then
   LR=2e-4
-  [ "$profile" = gpu ] && [ ${#model_args[@]} -eq 0 ] && LR=5e-4
+  [ $bundled_on_gpu = 1 ] && LR=5e-4
 fi
 if [ -z "${QUANT:-}" ]; then
   QUANT=auto
-  [ "$profile" = gpu ] && [ ${#model_args[@]} -eq 0 ] && QUANT=none
+  [ $bundled_on_gpu = 1 ] && QUANT=none
 fi
 case "$QUANT" in
   auto|4bit|none) ;;

@@ -246,13 +246,14 @@ def test_variants_are_extra_relabeled_copies_that_resume_by_id(tiny_model_dir):
 
 
 def test_variant_ids_group_with_their_pair():
-    from utils.records import base_pair_id, first_pairs, variant_id
+    from utils.records import base_pair_id, count_pairs, first_pairs, is_pair, variant_id
 
     assert variant_id("s001-r00-00007", 2) == "s001-r00-00007~v2" and base_pair_id("s001-r00-00007~v2") == "s001-r00-00007"
     assert base_pair_id("s001-r00-00007") == "s001-r00-00007"
     records = [{"id": i} for i in ("a", "a~v1", "a~v2", "b", "c", "c~v1")]
     assert [r["id"] for r in first_pairs(records, 2)] == ["a", "a~v1", "a~v2", "b"]
     assert first_pairs(records, 3) == records and first_pairs(records, None) == records and first_pairs(records, 0) == []
+    assert is_pair("a") and not is_pair("a~v1") and count_pairs(records) == 3 and count_pairs(first_pairs(records, 2)) == 2
     # the mark sorts a variant right after its pair, before the next pair (the merge walks ids in order)
     ids = ["s000-r00-00001", variant_id("s000-r00-00000", 1), "s000-r00-00000", variant_id("s000-r00-00009", 10)]
     assert sorted(ids) == ["s000-r00-00000", variant_id("s000-r00-00000", 1), "s000-r00-00001", "s000-r00-00009~v10"]

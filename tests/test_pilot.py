@@ -497,11 +497,11 @@ def test_pilot_on_the_real_bundled_model(tmp_path):
     assert manifest["config"]["constraint_variants"] == 2
     assert manifest["qc"]["counts"]["candidates"] == 24 and manifest["qc"]["passed"] == (result.returncode == 0)
     records = _lines(out / "sft_data.jsonl")
-    from utils.records import base_pair_id
+    from utils.records import is_pair
 
-    pairs = [r for r in records if base_pair_id(r["id"]) == r["id"]]
+    pairs = [r for r in records if is_pair(r["id"])]
     assert len(pairs) <= 8 and all(r["response"] for r in records)
     # the calibration's two relabeled variants per pair: each carries constraints
-    assert len(records) <= 3 * len(pairs) and all(r["constraints"] for r in records if base_pair_id(r["id"]) != r["id"])
+    assert len(records) <= 3 * len(pairs) and all(r["constraints"] for r in records if not is_pair(r["id"]))
     assert manifest["prompt_versions"]["response_generation"] == "response_v4" and "critic_signals" in manifest
     assert manifest["outputs"]["data"]["sha256"]

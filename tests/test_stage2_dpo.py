@@ -99,7 +99,9 @@ def test_dpo_quantization_follows_the_stage1_adapter_on_cuda(monkeypatch):
     def trained_on(quantization):
         return {"run_identity": {"hyperparameters": {"quantization": quantization}}}
 
-    assert resolve_dpo_quantization("auto", trained_on("none")) == "none"  # no CUDA here: auto is none anyway
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_dpo_quantization("auto", trained_on("none")) == "none"
+    assert resolve_dpo_quantization("auto", trained_on("4bit")) == "none"  # no CUDA: the source's CPU rule, whatever Stage 1 did
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_dpo_quantization("auto", trained_on("none")) == "none"
     assert resolve_dpo_quantization("auto", trained_on("4bit")) == "4bit"

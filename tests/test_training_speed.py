@@ -59,6 +59,7 @@ def test_cudnn_attention_flag_switches_pytorchs_cudnn_attention_on_cuda_only(tmp
     from utils import sft_training as sft
 
     assert _parse(["--no-cudnn-attention"]).cudnn_attention is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert sft.set_cudnn_attention(False) is False and torch.backends.cuda.cudnn_sdp_enabled()  # no CUDA: nothing touched
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     try:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 __all__ = ["CandidateRecord", "InstructionRecord", "ResponseRecord", "ScoredResponseRecord", "JudgedPairRecord",
            "ConstrainedPairRecord", "SFTExampleRecord", "EvaluationResponseRecord", "PreferenceInstructionRecord",
            "PreferencePairRecord", "RECORD_KINDS", "field_names", "unique_by_id", "VARIANT_MARK", "variant_id",
-           "base_pair_id", "first_pairs"]
+           "base_pair_id", "is_pair", "count_pairs", "first_pairs"]
 
 # A relabeled variant of an accepted pair (the same answer under other constraints) has the id
 # `<pair id>~v<j>`: it sorts right after its pair, and the merge and the train/validation split keep
@@ -42,14 +42,23 @@ def base_pair_id(record_id: str) -> str:
     return record_id.split(VARIANT_MARK, 1)[0]
 
 
+def is_pair(record_id: str) -> bool:
+    """True for an accepted pair's own record, False for one of its relabeled variants."""
+    return base_pair_id(record_id) == record_id
+
+
+def count_pairs(records: list[dict]) -> int:
+    """Accepted pairs among `records` (their variants not counted)."""
+    return sum(is_pair(record["id"]) for record in records)
+
+
 def first_pairs(records: list[dict], count: int | None) -> list[dict]:
     """The records of the first `count` accepted pairs (in order), each pair with its variants."""
     if count is None:
         return list(records)
     kept, pairs = [], 0
     for record in records:
-        if base_pair_id(record["id"]) == record["id"]:
-            pairs += 1
+        pairs += is_pair(record["id"])
         if pairs > count:
             break
         kept.append(record)

@@ -69,7 +69,7 @@ from .list_answers import requested_list
 from .prompt_guards import contains_chat_marker, encode_continuation
 from .provenance_helper import MODEL_IDENTITY_KEYS, model_identity, read_manifest, same_model
 from .qc import QC_THRESHOLD_RANGES, QC_THRESHOLDS, compute_qc
-from .records import CandidateRecord, InstructionRecord, ResponseRecord, SFTExampleRecord, base_pair_id, unique_by_id, variant_id
+from .records import CandidateRecord, InstructionRecord, ResponseRecord, SFTExampleRecord, count_pairs, is_pair, unique_by_id, variant_id
 from .response_selection import CriticSignals, candidate_key, judge_instructions, measure_signals, score_candidates
 
 __all__ = ["Stage1Config", "PHASE_FILES", "SFT_DATA_FILE", "RUN_CONFIG_FILE", "BLACKLIST_KEYWORDS", "blacklisted_keyword",
@@ -464,7 +464,7 @@ def generate_into_folder(job: GenerationJob, loaded: tuple, args, *, batch_size:
     data_path = folder / SFT_DATA_FILE
     write_jsonl_atomic(data_path, result["final"])
     qc = result["qc"]
-    pairs = sum(base_pair_id(r["id"]) == r["id"] for r in result["final"])
+    pairs = count_pairs(result["final"])
     if pairs < config.count:
         qc["shortfall"] = f"{pairs} accepted of {config.count} asked after {config.max_rounds} rounds"
     outputs = {"data": data_path, "judged": folder / PHASE_FILES["judged"], "scored_responses": folder / PHASE_FILES["scored"]}
@@ -728,9 +728,9 @@ def _summarize(files: dict, config: Stage1Config, critic_signals: CriticSignals 
         "response_candidates_scored": len(scored),
         "response_candidate_filters": dict(Counter(reason for r in scored for reason in r["filter_reasons"])),
         "judged_rejection_reasons": dict(Counter(reason for r in judged for reason in r["rejection_reasons"])),
-        "constraint_selected": sum(base_pair_id(key) == key for key in constrained),
-        "constraint_unconstrainable": sum(not r["constraints"] for key, r in constrained.items() if base_pair_id(key) == key),
-        "constraint_variants": sum(bool(r["constraints"]) for key, r in constrained.items() if base_pair_id(key) != key),
+        "constraint_selected": sum(is_pair(key) for key in constrained),
+        "constraint_unconstrainable": sum(not r["constraints"] for key, r in constrained.items() if is_pair(key)),
+        "constraint_variants": sum(bool(r["constraints"]) for key, r in constrained.items() if not is_pair(key)),
         "generated_constraint_instructions": len({r["instruction_id"] for r in scored if r.get("constraint_checks")}),
         "list_request_instructions": len(_list_requests(files, all_keys, config, _generated_constraints(files, all_keys, config))),
         "list_format_pairs": sum(r["constraint_mode"] == "list_format" for r in constrained.values()),
