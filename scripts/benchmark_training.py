@@ -26,6 +26,9 @@ callback), once per configuration; each is the training flag of the same name on
   no_cudnn_attention  --no-cudnn-attention: attention without cuDNN's per-shape execution plans
   lean_16bit       lora_16bit + group_by_length + no_cudnn_attention: nothing to compile, nothing optional to install
   lean_compiled    lean_16bit + compile_regional
+  graphed_16bit    lean_16bit + --cuda-graphs: each batch shape's forward and backward replayed from a CUDA graph
+                   (batches padded to a multiple of 64 tokens; needs CUDA, skipped with the reason otherwise)
+  graphed_4bit     group_by_length + no_cudnn_attention + --cuda-graphs on the 4-bit base
 
 Per row: tokens/s of real (non-pad) tokens over the steps after --warmup-steps (TRL's own count), the warm-up's
 seconds, the padded share of the timed batches, MFU, the mean training loss, the evaluation loss on
@@ -67,7 +70,7 @@ from utils.cli_validation import non_negative_int, positive_float, positive_int 
 from utils.exit_codes import run_cli  # noqa: E402
 
 OPTIONS = dict(padding_free=False, packing=False, kbit_upcast=True, group_by_length=False, rare_logging=False,
-               torch_compile="off", liger_kernel=False, quantization=None, cudnn_attention=True)
+               torch_compile="off", liger_kernel=False, quantization=None, cudnn_attention=True, cuda_graphs=False)
 CONFIGURATIONS = {"plain": {}, "padding_free": dict(padding_free=True), "packing": dict(padding_free=True, packing=True),
                   "no_upcast": dict(kbit_upcast=False), "group_by_length": dict(group_by_length=True),
                   "rare_logging": dict(rare_logging=True), "torch_compile": dict(torch_compile="model"),
@@ -78,7 +81,9 @@ CONFIGURATIONS = {"plain": {}, "padding_free": dict(padding_free=True), "packing
                   "fast_16bit": dict(quantization="none", group_by_length=True, torch_compile="regional"),
                   "no_cudnn_attention": dict(cudnn_attention=False),
                   "lean_16bit": dict(quantization="none", group_by_length=True, cudnn_attention=False),
-                  "lean_compiled": dict(quantization="none", group_by_length=True, cudnn_attention=False, torch_compile="regional")}
+                  "lean_compiled": dict(quantization="none", group_by_length=True, cudnn_attention=False, torch_compile="regional"),
+                  "graphed_16bit": dict(quantization="none", group_by_length=True, cudnn_attention=False, cuda_graphs=True),
+                  "graphed_4bit": dict(group_by_length=True, cudnn_attention=False, cuda_graphs=True)}
 DEFAULT_CONFIGURATIONS = [name for name in CONFIGURATIONS if name not in ("padding_free", "packing")]
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 _LAUNCHES = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"}
@@ -214,7 +219,8 @@ class _StepClock:
 
     def _mark(self, name: str):
         _sync()
-        self.marks[name] = (time.perf_counter(), float(getattr(self.trainer, "_total_train_tokens", 0)))
+        count = getattr(self.trainer, "count_pending_tokens", None)  # --cuda-graphs sums the count on the device
+        self.marks[name] = (time.perf_counter(), float(count() if count else getattr(self.trainer, "_total_train_tokens", 0)))
 
     def count_padded(self, collator):
         def counting(features):
@@ -258,12 +264,12 @@ def measure(label: str, options: dict, base, tokenizer, data: dict, args, checkp
                                   logging_steps=args.steps if options["rare_logging"] else 10, packing=options["packing"],
                                   group_by_length=options["group_by_length"], torch_compile=options["torch_compile"],
                                   liger_kernel=options["liger_kernel"], cudnn_attention=options["cudnn_attention"],
-                                  eval_steps=None, eval_batch_size=len(data["eval"]))
+                                  cuda_graphs=options["cuda_graphs"], eval_steps=None, eval_batch_size=len(data["eval"]))
     config = sft.build_sft_config(settings, args.scratch_dir / f"trainer_{label}", padding_free=options["padding_free"],
                                   has_eval=False, gradient_checkpointing=checkpointing)
     transformers.set_seed(0)  # TRL initialises LoRA before the Trainer seeds: every configuration starts from the same adapter
     trainer = sft.build_trainer(base, tokenizer, data["train"], data["eval"], config, sft.make_lora_config(),
-                                [sft.TrainingGuardCallback(), clock.callback])
+                                [sft.TrainingGuardCallback(), clock.callback], cuda_graphs=options["cuda_graphs"])
     clock.trainer, trainer.data_collator = trainer, clock.count_padded(trainer.data_collator)
     lora = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     try:
@@ -346,13 +352,17 @@ def run_model(name: str, args, env: dict, rows: list, profiles: list, save) -> N
     runs, bases, data = plan(args.configurations, args.profile, args.warmup_steps > 0), {}, None
     for index, (label, mode) in enumerate(runs):
         options, note = {**OPTIONS, **CONFIGURATIONS[label]}, None
+        reason = env["graphs_problem"] if options["cuda_graphs"] else None
         if options["liger_kernel"] and env["liger_problem"]:
             if set(CONFIGURATIONS[label]) == {"liger_kernel"}:
-                if mode != "warmup":
-                    print(f"[skip] {name} {label}{' profile' if mode == 'profile' else ''}: {env['liger_problem']}", flush=True)
-                    (profiles if mode == "profile" else rows).append({"model": name, "configuration": label, "skipped": env["liger_problem"]})
-                continue
-            options["liger_kernel"], note = False, f"without Liger: {env['liger_problem']}"
+                reason = env["liger_problem"]
+            else:
+                options["liger_kernel"], note = False, f"without Liger: {env['liger_problem']}"
+        if reason:
+            if mode != "warmup":
+                print(f"[skip] {name} {label}{' profile' if mode == 'profile' else ''}: {reason}", flush=True)
+                (profiles if mode == "profile" else rows).append({"model": name, "configuration": label, "skipped": reason})
+            continue
         key = _base_key(label, env)
         quantized, needed, model, checkpointing = key[0], {_base_key(later, env) for later, _ in runs[index:]}, None, None
         for stale in [k for k in bases if k not in needed]:
@@ -428,7 +438,8 @@ def main(args) -> int:
     environment, git = capture_environment(), get_git_info()
     peak, device = peak_tflops(args, environment)
     env = {"quantize": args.quantization == "4bit" or (args.quantization == "auto" and torch.cuda.is_available()),
-           "peak": peak, "liger_problem": sft.liger_kernel_problem()}
+           "peak": peak, "liger_problem": sft.liger_kernel_problem(),
+           "graphs_problem": None if torch.cuda.is_available() else "CUDA graphs need a CUDA device, and this machine has none"}
     rows, profiles = [], []
     args.output.parent.mkdir(parents=True, exist_ok=True)
 

@@ -26,7 +26,10 @@
 # against 4-bit QLoRA on the same data it trained faster to a lower eval loss, docs/measurements.md, "Training speed");
 # any other model, and the cpu profile, keep --quantization auto (4-bit QLoRA on CUDA, as the source asks). QUANT=4bit,
 # none or auto sets it for any model. The gpu TRAIN_ARGS also group batches by length and keep attention off cuDNN
-# (--no-cudnn-attention): the same examples per step, less padding and no per-shape cuDNN plans.
+# (--no-cudnn-attention): the same examples per step, less padding and no per-shape cuDNN plans. The bundled model on
+# the gpu profile also replays each training step from a CUDA graph (GRAPHS=1, --cuda-graphs: its step is bound by
+# kernel launches, not the GPU); GRAPHS=0 turns that off, GRAPHS=1 asks for it with any model (one GPU, no gradient
+# checkpointing, else the training stage exits 2).
 # STAGE1_SKIP_INSTALL=1 uses the python on PATH.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -42,7 +45,7 @@ while [ $# -gt 0 ]; do
         --root) root=$2 ;;
       esac
       shift 2 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -73,6 +76,12 @@ case "$QUANT" in
   auto|4bit|none) ;;
   *) echo "QUANT must be auto, 4bit or none, got '$QUANT'" >&2; exit 2 ;;
 esac
+: "${GRAPHS:=$bundled_on_gpu}"
+case "$GRAPHS" in
+  0) graph_args=() ;;
+  1) graph_args=(--cuda-graphs) ;;
+  *) echo "GRAPHS must be 0 or 1, got '$GRAPHS'" >&2; exit 2 ;;
+esac
 if [ -z "${SCALE_RANKS:-}" ]; then
   SCALE_RANKS=1
   [ "$profile" = gpu ] && SCALE_RANKS=$(python -c "import torch; print(max(1, min(torch.cuda.device_count(), $SHARDS)))")
@@ -87,7 +96,7 @@ pilot=$root/artifacts/pilot
 dataset=$root/data/stage1_sft_data.jsonl
 checkpoint=$root/checkpoints/stage1_sft
 results=$root/results/sft_eval
-echo "[stage1] profile=$profile test=$TEST_COUNT pilot=$PILOT_COUNT scale=$SCALE_COUNT shards=$SHARDS scale_ranks=$SCALE_RANKS epochs=$EPOCHS batch=$BATCH lr=$LR quantization=$QUANT"
+echo "[stage1] profile=$profile test=$TEST_COUNT pilot=$PILOT_COUNT scale=$SCALE_COUNT shards=$SHARDS scale_ranks=$SCALE_RANKS epochs=$EPOCHS batch=$BATCH lr=$LR quantization=$QUANT cuda_graphs=$GRAPHS"
 started=$(date +%s)
 
 stage stage1 "test set" python scripts/generate_test_instructions.py --count "$TEST_COUNT" --output "$test_set"
@@ -100,7 +109,7 @@ if [ -f "$checkpoint/final_adapter/TRAINING_SUCCESS" ] && [ "$checkpoint/final_a
 else
   read -r -a train_args <<< "${TRAIN_ARGS:-}"
   stage stage1 "train" python scripts/train_stage1_sft.py --data "$dataset" --output "$checkpoint" --epochs "$EPOCHS" --lr "$LR" --quantization "$QUANT" --resume \
-    "${model_args[@]}" "${train_args[@]}"
+    "${model_args[@]}" "${graph_args[@]}" "${train_args[@]}"
 fi
 stage stage1 "evaluate" python scripts/evaluate_stage1_sft.py --sft-checkpoint "$checkpoint/final_adapter" --test-set "$test_set" \
   --output "$results" --batch-size "$BATCH"

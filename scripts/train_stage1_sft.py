@@ -162,9 +162,15 @@ def build_trainer(args, model, tokenizer, examples: dict, quantization: str, lau
     lora_config = sft.make_lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     guard = sft.TrainingGuardCallback()
     trainer = sft.build_trainer(model, tokenizer, train_examples, val_examples, config, lora_config,
-                                [guard, sync_stop_callback(guard, launch)])
+                                [guard, sync_stop_callback(guard, launch)], cuda_graphs=args.cuda_graphs)
     facts = {**examples["stats"], "padding_free": padding_free, "padding_free_reason": padding_note}
     return trainer, guard, facts
+
+
+def graph_counts(trainer) -> dict | None:
+    """--cuda-graphs: shapes captured, steps replayed and steps run eagerly (None without the flag)."""
+    step = getattr(trainer, "graphed_step", None)
+    return dict(step.counts) if step is not None else None
 
 
 def write_outputs(args, trainer, guard, run: TrainingRun, adapter_state=None) -> Path:
@@ -205,7 +211,7 @@ def write_outputs(args, trainer, guard, run: TrainingRun, adapter_state=None) ->
         train_tokens=guard.num_tokens, train_seconds=round(run.seconds, 2),
         tokens_per_second=round(guard.num_tokens / run.seconds, 1) if run.seconds > 0 else None,
         world_size=run.launch.world_size, effective_batch_size=run.rule.effective_batch_size, batch_rule=run.rule.as_dict(),
-        launch=run.launch.as_dict(), gpu_memory_gib_per_rank=run.gpu_memory)
+        launch=run.launch.as_dict(), gpu_memory_gib_per_rank=run.gpu_memory, cuda_graph_steps=graph_counts(trainer))
     write_manifest_atomic(args.output / "training_manifest.json", manifest)
     marker = create_artifact_metadata(
         "lora_adapter", "train_stage1_sft.py", model_name=provenance.get("model_id"), loader_provenance=provenance,
@@ -272,7 +278,10 @@ def train(args, launch) -> int:
     adapter_dir = launch.agree(lambda: write_outputs(args, trainer, guard, run, adapter_state) if launch.is_main else None,
                                "to write the outputs")
     if launch.is_main:
-        print(f"[train] done: {trainer.state.global_step} steps, eval loss {run.eval_loss}; adapter in {adapter_dir}")
+        graphs = graph_counts(trainer)
+        print(f"[train] done: {trainer.state.global_step} steps, eval loss {run.eval_loss}; adapter in {adapter_dir}"
+              + (f"; CUDA graphs: {graphs['captured']} shapes captured, {graphs['replayed']} steps replayed, "
+                 f"{graphs['eager']} eager" if graphs else ""))
     return EXIT_OK
 
 

@@ -99,6 +99,13 @@ def test_driver_refuses_a_bad_quantization(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+def test_driver_refuses_a_bad_graphs_value(tmp_path):
+    result = subprocess.run(DRIVER + ["--profile", "gpu", "--root", str(tmp_path)], capture_output=True, text=True,
+                            env=_env(GRAPHS="yes", SCALE_RANKS="1"), timeout=120)
+    assert result.returncode == 2 and "GRAPHS must be 0 or 1, got 'yes'" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def test_driver_refuses_a_bad_profile(tmp_path):
     result = subprocess.run(DRIVER + ["--profile", "tpu", "--root", str(tmp_path)], capture_output=True, text=True,
                             env=_env(), timeout=120)
@@ -115,16 +122,17 @@ def test_driver_reports_a_failed_stage_after_sourcing_the_installer(tmp_path):
     assert result.returncode == 2 and "=== pilot finished with exit 2" in out and "stopped at 'pilot' (exit 2)" in out, out[-2000:]
 
 
-@pytest.mark.parametrize("extra_args, env, lr, quantization", [([], {}, "5e-4", "none"), (["--model", "other.gguf"], {}, "2e-4", "auto"),
-                                                             ([], {"LR": "1e-4", "QUANT": "4bit"}, "1e-4", "4bit")])
-def test_gpu_profile_defaults(extra_args, env, lr, quantization, tmp_path):
-    """The gpu profile: best of 4 candidates in the pilot; lr 5e-4 and LoRA on the 16-bit base for the bundled model
-    only (measured), the source's 2e-4 and 4-bit QLoRA (auto) for any other, LR and QUANT for either. PILOT_COUNT=0
-    stops the chain at the pilot (exit 2)."""
+@pytest.mark.parametrize("extra_args, env, lr, quantization, graphs", [
+    ([], {}, "5e-4", "none", "1"), (["--model", "other.gguf"], {}, "2e-4", "auto", "0"),
+    ([], {"LR": "1e-4", "QUANT": "4bit", "GRAPHS": "0"}, "1e-4", "4bit", "0"), (["--model", "other.gguf"], {"GRAPHS": "1"}, "2e-4", "auto", "1")])
+def test_gpu_profile_defaults(extra_args, env, lr, quantization, graphs, tmp_path):
+    """The gpu profile: best of 4 candidates in the pilot; lr 5e-4, LoRA on the 16-bit base and CUDA-graph training
+    steps for the bundled model only (measured), the source's 2e-4, 4-bit QLoRA (auto) and eager steps for any other;
+    LR, QUANT and GRAPHS for either. PILOT_COUNT=0 stops the chain at the pilot (exit 2)."""
     result = subprocess.run(DRIVER + ["--profile", "gpu", "--root", str(tmp_path), *extra_args], capture_output=True, text=True,
                             env=_env(TEST_COUNT="5", PILOT_COUNT="0", SCALE_RANKS="1", **env), timeout=300)
     out = result.stdout + result.stderr
     assert result.returncode == 2 and "stopped at 'pilot' (exit 2)" in out, out[-2000:]
-    assert f"epochs=3 batch=256 lr={lr} quantization={quantization}" in out
+    assert f"epochs=3 batch=256 lr={lr} quantization={quantization} cuda_graphs={graphs}" in out
     (pilot_line,) = [line for line in out.splitlines() if "=== pilot:" in line]
     assert pilot_line.endswith("--num-candidates 4")

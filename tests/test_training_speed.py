@@ -190,15 +190,16 @@ def _benchmark(tmp_path, trained_model_dir, configurations, *extra):
 @pytest.mark.slow  # 50-75 s on 2 shared cores: eleven trainer runs
 def test_benchmark_runs_every_cpu_configuration_and_profiles_one(tmp_path, trained_model_dir):
     configurations = ["plain", "padding_free", "packing", "no_upcast", "group_by_length", "rare_logging", "liger", "lora_16bit",
-                      "no_cudnn_attention", "lean_16bit"]
+                      "no_cudnn_attention", "lean_16bit", "graphed_16bit"]
     result, out = _benchmark(tmp_path, trained_model_dir, configurations, "--profile", "plain", "--profile-steps", 2)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {row["configuration"]: row for row in report["rows"]}
     assert report["complete"] is True and set(rows) == set(configurations)
     assert "liger-kernel" in rows["liger"]["skipped"] and "[skip] tiny liger" in result.stdout
+    assert "need a CUDA device" in rows["graphed_16bit"]["skipped"] and "[skip] tiny graphed_16bit" in result.stdout
     for label, row in rows.items():
-        if label == "liger":
+        if label in ("liger", "graphed_16bit"):
             continue
         assert row["tokens_per_s"] > 0 and row["timed_steps"] == 3 and 0 <= row["padding_share"] < 1 and row["eval_s"] > 0
         assert row["flops_per_token"] == 4 * _llama_matmul_weights(trained_model_dir) + 6 * row["lora_parameters"]

@@ -115,19 +115,31 @@ def parse_training_args(parser: argparse.ArgumentParser, argv=None) -> argparse.
     return args
 
 
-class _LigerKernelFlag(argparse.Action):
-    """--liger-kernel: refused at parse time (argparse's exit 2) where the kernels cannot run."""
+class _MachineDependentFlag(argparse.Action):
+    """An on/off flag refused at parse time (argparse's exit 2) where this machine cannot run it: `problem()` says why,
+    or None. --liger-kernel and --cuda-graphs."""
 
-    def __init__(self, option_strings, dest, **kwargs):
+    def __init__(self, option_strings, dest, problem=None, **kwargs):
         super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+        self.problem = problem
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from .sft_training import liger_kernel_problem
-
-        problem = liger_kernel_problem()
+        problem = self.problem()
         if problem:
             parser.error(f"argument {option_string}: {problem}")
         setattr(namespace, self.dest, True)
+
+
+def _liger_problem():
+    from .sft_training import liger_kernel_problem
+
+    return liger_kernel_problem()
+
+
+def _cuda_graphs_problem():
+    from .cuda_graph_training import cuda_graphs_device_problem
+
+    return cuda_graphs_device_problem()
 
 
 def add_training_speed_flags(add) -> None:
@@ -145,7 +157,7 @@ def add_training_speed_flags(add) -> None:
         help="torch.compile through the Trainer, with dynamic shapes (fuses the small kernels of a launch-bound step; the "
              "first steps pay the compilation): model = the whole model, regional = each decoder layer class compiled once "
              "and reused (accelerate's regional compilation: much shorter compilation) [benchmark: torch_compile, compile_regional]")
-    add("--liger-kernel", action=_LigerKernelFlag,
+    add("--liger-kernel", action=_MachineDependentFlag, problem=_liger_problem,
         help="Liger's Triton kernels for norms, rotary embedding and the MLP activation (TRL keeps its own fused LM head "
              "and loss); needs the optional liger-kernel package and CUDA, else exit 2 [benchmark: liger]")
     add("--cudnn-attention", action=argparse.BooleanOptionalAction, default=True,
@@ -153,6 +165,12 @@ def add_training_speed_flags(add) -> None:
              "execution plan on the host for every new batch shape, and padded training batches change shape almost every "
              "step; --no-cudnn-attention leaves attention to PyTorch's memory-efficient and flash kernels (the same "
              "attention; numerics change slightly) [benchmark: no_cudnn_attention]")
+    add("--cuda-graphs", action=_MachineDependentFlag, problem=_cuda_graphs_problem,
+        help="CUDA: capture each batch shape's forward and backward pass as a CUDA graph and replay it (the step then "
+             "costs about its GPU time instead of thousands of kernel launches from Python); batches are padded to a "
+             "multiple of 64 tokens so shapes repeat. Needs CUDA and one process (else exit 2 here), and no gradient "
+             "checkpointing, --torch-compile, --liger-kernel or --padding-free (else exit 2 once the model is loaded) "
+             "[benchmark: graphed_16bit, graphed_4bit]")
     add("--eval-steps", type=positive_int, default=None,
         help="evaluate every N optimizer steps (default: --save-steps); each evaluation pauses training")
     add("--eval-batch-size", type=positive_int, default=None,

@@ -36,6 +36,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from .completion_prompts import CompletionStylePrompts
+from .cuda_graph_training import PAD_MULTIPLE
 from .exit_codes import BadInputError, RefusedError, Stage1Error
 from .jsonl_io import read_keyed_text_records
 from .prompt_guards import encode_continuation, encode_prompt
@@ -257,6 +258,14 @@ def build_sft_config(args, output_dir, *, padding_free: bool, has_eval: bool, gr
         # layer class once instead of the whole model.
         os.environ["ACCELERATE_DYNAMO_USE_DYNAMIC"] = "1"
         os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "1" if compile_mode == "regional" else "0"
+    cuda_graphs = bool(getattr(args, "cuda_graphs", False))
+    if cuda_graphs:
+        from .cuda_graph_training import cuda_graphs_problem
+
+        problem = cuda_graphs_problem(gradient_checkpointing=gradient_checkpointing, padding_free=padding_free or args.packing,
+                                      torch_compile=compile_mode, liger_kernel=liger)
+        if problem:
+            raise BadInputError(f"--cuda-graphs: {problem}")
     set_cudnn_attention(getattr(args, "cudnn_attention", True))
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     eval_steps = getattr(args, "eval_steps", None) or args.save_steps
@@ -273,18 +282,25 @@ def build_sft_config(args, output_dir, *, padding_free: bool, has_eval: bool, gr
         seed=args.seed, data_seed=args.seed, bf16=bf16, fp16=False, report_to="none", logging_nan_inf_filter=False,
         completion_only_loss=True,  # pre-tokenized data: completion_mask -> labels -100 on the prompt
         padding_free=padding_free, packing=args.packing, packing_strategy="bfd",
+        pad_to_multiple_of=PAD_MULTIPLE if cuda_graphs else None,  # graphs are per shape: let a few shapes repeat
+        # A blocking copy of each batch would wait for the step before it: the host could not queue ahead of a replay.
+        accelerator_config={"non_blocking": True} if cuda_graphs else None,
         # examples are truncated in build_sft_examples; TRL refuses max_length with padding-free unless packing
         max_length=args.max_seq_length if args.packing else None,
         gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_trainer(model, tokenizer, train_examples: list[dict], val_examples: list[dict], config, lora_config,
-                  callbacks=()):
+                  callbacks=(), cuda_graphs: bool = False):
+    """TRL's SFTTrainer; with `cuda_graphs`, one whose training steps replay CUDA graphs (utils.cuda_graph_training)."""
     from datasets import Dataset
     from trl import SFTTrainer
 
+    from .cuda_graph_training import graphed_trainer_class
+
+    trainer_class = graphed_trainer_class(SFTTrainer) if cuda_graphs else SFTTrainer
     val = Dataset.from_list(val_examples) if val_examples else None
-    return SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(train_examples), eval_dataset=val,
+    return trainer_class(model=model, args=config, train_dataset=Dataset.from_list(train_examples), eval_dataset=val,
                       processing_class=tokenizer, peft_config=lora_config, callbacks=list(callbacks))
 
 
