@@ -433,13 +433,14 @@ def main(args) -> int:
     import torch
 
     from utils import sft_training as sft
+    from utils.cuda_graph_training import cuda_graphs_device_problem
     from utils.provenance_helper import capture_environment, get_git_info, write_manifest_atomic
 
     environment, git = capture_environment(), get_git_info()
     peak, device = peak_tflops(args, environment)
     env = {"quantize": args.quantization == "4bit" or (args.quantization == "auto" and torch.cuda.is_available()),
            "peak": peak, "liger_problem": sft.liger_kernel_problem(),
-           "graphs_problem": None if torch.cuda.is_available() else "CUDA graphs need a CUDA device, and this machine has none"}
+           "graphs_problem": cuda_graphs_device_problem()}
     rows, profiles = [], []
     args.output.parent.mkdir(parents=True, exist_ok=True)
 

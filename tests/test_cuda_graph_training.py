@@ -84,6 +84,23 @@ def test_graphed_step_accumulates_and_scales_without_a_token_count(tmp_path, tin
         assert torch.allclose(expected[name], got[name], rtol=1e-4, atol=1e-7), name
 
 
+def test_gradients_add_to_those_already_there_and_fill_the_missing():
+    """A parameter without a gradient gets the step's own; one with a gradient gets the sum (accumulation)."""
+    import torch
+
+    from utils.cuda_graph_training import GraphedTrainStep
+
+    model = torch.nn.Linear(3, 2)
+    step = GraphedTrainStep(model)
+    assert step.use_graphs is False and step.params == [model.weight, model.bias]
+    first = (torch.ones(2, 3), torch.full((2,), 2.0))
+    step._accumulate(first)
+    assert torch.equal(model.weight.grad, first[0]) and model.weight.grad is not first[0]  # a copy, not the graph's output
+    model.bias.grad = None
+    step._accumulate((torch.ones(2, 3), torch.ones(2)))
+    assert torch.equal(model.weight.grad, torch.full((2, 3), 2.0)) and torch.equal(model.bias.grad, torch.ones(2))
+
+
 def test_flag_defaults_off_and_pads_batches_to_the_graph_multiple(tmp_path, monkeypatch):
     from utils import cuda_graph_training
     from utils import sft_training as sft

@@ -80,6 +80,18 @@ def test_batch_size_and_the_logit_budget_do_not_change_the_scores(tiny, monkeypa
             assert a[key] == pytest.approx(b[key], abs=1e-3) and a[key] == pytest.approx(c[key], abs=1e-3)
 
 
+def test_the_logit_budget_grows_with_a_gpus_free_memory_only(monkeypatch):
+    import torch
+
+    from utils.instruction_critic import LOGIT_BUDGET, MAX_LOGIT_BUDGET, logit_budget
+
+    assert logit_budget(torch.device("cpu")) == LOGIT_BUDGET
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for free, want in ((100 * 2**30, MAX_LOGIT_BUDGET), (8 * 2**30, 8 * 2**30 // 40), (2**20, LOGIT_BUDGET)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * 2**30))
+        assert logit_budget(torch.device("cuda", 0)) == want
+
+
 def test_an_empty_response_has_no_relevance(tiny):
     from utils.instruction_critic import InstructionCritic
 
