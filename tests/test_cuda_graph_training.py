@@ -111,7 +111,6 @@ def test_flag_defaults_off_and_pads_batches_to_the_graph_multiple(tmp_path, monk
     config = sft.build_sft_config(_parse([]), tmp_path, padding_free=False, has_eval=False, gradient_checkpointing=False)
     assert config.pad_to_multiple_of is None and config.accelerator_config.non_blocking is False
     monkeypatch.setattr(cuda_graph_training, "cuda_graphs_device_problem", lambda: None)  # as on a GPU machine
-    monkeypatch.setattr(cuda_graph_training, "cuda_graphs_problem", lambda **settings: None)
     config = sft.build_sft_config(_parse(["--cuda-graphs"]), tmp_path, padding_free=False, has_eval=False, gradient_checkpointing=False)
     assert config.pad_to_multiple_of == PAD_MULTIPLE == 64 and config.accelerator_config.non_blocking is True
 

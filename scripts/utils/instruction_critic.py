@@ -43,14 +43,13 @@ MAX_LOGIT_BUDGET = 1 << 31
 def logit_budget(device) -> int:
     """Logits per relevance forward pass: LOGIT_BUDGET, or on a GPU what a quarter of its free memory holds (at most
     MAX_LOGIT_BUDGET). With a 262k vocabulary LOGIT_BUDGET alone cuts a batch of 30-token answers to 16 rows; on an
-    H100 the scale stage spent 43-57 s a shard in those small forward passes."""
+    H100 that took the pilot's response scoring from 11.8 s to 42.0 s (docs/measurements.md)."""
     import torch
 
     if getattr(device, "type", None) != "cuda" or not torch.cuda.is_available():
         return LOGIT_BUDGET
     free, _ = torch.cuda.mem_get_info(device)
     return max(LOGIT_BUDGET, min(free // 4 // BYTES_PER_LOGIT, MAX_LOGIT_BUDGET))
-
 
 
 class InstructionCritic:

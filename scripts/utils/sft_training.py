@@ -36,7 +36,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from .completion_prompts import CompletionStylePrompts
-from .cuda_graph_training import PAD_MULTIPLE
+from .cuda_graph_training import PAD_MULTIPLE, cuda_graphs_problem, graphed_trainer_class
 from .exit_codes import BadInputError, RefusedError, Stage1Error
 from .jsonl_io import read_keyed_text_records
 from .prompt_guards import encode_continuation, encode_prompt
@@ -260,8 +260,6 @@ def build_sft_config(args, output_dir, *, padding_free: bool, has_eval: bool, gr
         os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "1" if compile_mode == "regional" else "0"
     cuda_graphs = bool(getattr(args, "cuda_graphs", False))
     if cuda_graphs:
-        from .cuda_graph_training import cuda_graphs_problem
-
         problem = cuda_graphs_problem(gradient_checkpointing=gradient_checkpointing, padding_free=padding_free or args.packing,
                                       torch_compile=compile_mode, liger_kernel=liger)
         if problem:
@@ -295,8 +293,6 @@ def build_trainer(model, tokenizer, train_examples: list[dict], val_examples: li
     """TRL's SFTTrainer; with `cuda_graphs`, one whose training steps replay CUDA graphs (utils.cuda_graph_training)."""
     from datasets import Dataset
     from trl import SFTTrainer
-
-    from .cuda_graph_training import graphed_trainer_class
 
     trainer_class = graphed_trainer_class(SFTTrainer) if cuda_graphs else SFTTrainer
     val = Dataset.from_list(val_examples) if val_examples else None
