@@ -222,7 +222,7 @@ def bench_response(name: str, model, tokenizer, args, floor_per_row: float, devi
         measured = {}
         for label, share in (("response_unshared", False), ("response_shared", True)):
             engine = GenerationEngine(model, tokenizer, batch_size=batch, show_progress=False, share_prefix=share,
-                                      compile=device == "cuda")  # as the pipeline's GPU profile runs it
+                                      compile=device == "cuda")  # the fastest path (the pipeline's --compile)
             engine.tokenizer = _NoEosTokenizer(tokenizer)
             make = lambda n, engine=engine, items=items: lambda: engine.generate_encoded(items, replace(params, max_new_tokens=n))
             seconds = _timed(torch, make(args.response_new_tokens), runs=args.runs)

@@ -50,8 +50,9 @@ def test_generation_benchmark_measures_the_response_shape_with_and_without_shari
     rows = json.loads(out.read_text())["rows"]
     assert [(row["path"], row["batch"], row["prompt_tokens"]) for row in rows] == [("response_unshared", 8, 44), ("response_shared", 8, 44)]
     unshared, shared = rows
-    # 8 rows behind one 40-token prefix: 7 of its copies not prefilled, per call.
-    assert (unshared["prefix_tokens_saved_per_call"], shared["prefix_tokens_saved_per_call"]) == (0, 7 * 40)
+    # 8 rows behind one 40-token prefix, 2 instructions x 4 candidates: 7 of the prefix's copies and 6 of the
+    # instructions' (4 tokens each) not prefilled, per call.
+    assert (unshared["prefix_tokens_saved_per_call"], shared["prefix_tokens_saved_per_call"]) == (0, 7 * 40 + 6 * 4)
     assert shared["prefill_tokens_per_call"] + shared["prefix_tokens_saved_per_call"] == unshared["prefill_tokens_per_call"] == 8 * 44
     assert shared["shared_vs_unshared"] == pytest.approx(shared["tokens_per_s"] / unshared["tokens_per_s"], rel=0.01)
     assert "shared prefix" in result.stdout

@@ -124,6 +124,32 @@ def test_sampled_first_tokens_with_a_shared_prefix_follow_the_generate_distribut
     assert chisquare(counts[support].numpy(), expected_counts.numpy())[1] > 1e-3
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_sliding"])
+@pytest.mark.parametrize("prefix", [0, 14])
+def test_repeated_prompts_are_prefilled_once_with_the_same_tokens(family, prefix):
+    # Three distinct prompts, one of them three times and one twice (N candidates), in a batch wider than its
+    # longest row: the all-padding columns and the copies' suffixes are not computed, and nothing changes.
+    model = _sliding_gemma3("sdpa") if family == "gemma3_sliding" else _random_model("llama", "sdpa")
+    distinct = _rows_with_a_shared_prefix(14, [9, 4, 6], seed=11)
+    rows = [distinct[i] for i in (0, 1, 0, 2, 1, 0)]
+    width = 14 + 9 + 3  # three columns of padding in every row
+    greedy = dict(temperature=0.0, top_p=1.0, repetition_penalty=1.3)
+    expected = _generate(model, rows, 12, None, do_sample=False, repetition_penalty=1.3)
+    ids, mask = prefix_layout(rows, prefix, 0, width)
+    decoder = StaticDecoder(model, *ids.shape, 12, 0, set(), prefix_length=prefix, **greedy)
+    assert torch.equal(decoder.decode(ids, mask), expected)
+    suffix_columns = width - prefix - 3
+    assert decoder.last_prefill_tokens == (prefix + 3 * suffix_columns, 6 * (suffix_columns + prefix))
+    sampling = dict(temperature=0.9, top_p=0.9, repetition_penalty=1.2)
+    drawn = []
+    for group_copies in (True, False):
+        torch.manual_seed(8)
+        drawn.append(StaticDecoder(model, *ids.shape, 12, 0, set(), prefix_length=prefix, group_copies=group_copies,
+                                   **sampling).decode(ids, mask))
+    assert torch.equal(drawn[0], drawn[1])
+    assert not torch.equal(drawn[0][0], drawn[0][2]), "copies of one prompt must still draw their own tokens"
+
+
 def test_a_shared_prefix_decoder_reused_and_rehearsed_equals_fresh_decoders(monkeypatch):
     # Another batch's prefix must replace the first one's in every row; and the graph path (rehearse,
     # capture, rewind; here the "graph" is the eager step, as in test_rehearsal_before_capture_is_rewound)
@@ -207,5 +233,6 @@ def test_engine_shares_prefixes_with_the_same_results_as_generate(family, traine
     prefixes = [shared_prefix_length(rows) for rows in batches]
     demonstrations = len(encode_prompt(tokenizer, P.demonstration_prefix("response_v3")))
     assert prefixes[0] == len(batches[0][0]) - 1 and prefixes[1] >= demonstrations - 1 > 32
-    assert engine.prefix_tokens_saved == 2 * sum(prefixes) and off.prefix_tokens_saved == 0
+    # The first batch is three copies of one prompt: its one token after the prefix is computed once, too.
+    assert engine.prefix_tokens_saved == 2 * sum(prefixes) + 2 and off.prefix_tokens_saved == 0
     assert engine.prefill_tokens + engine.prefix_tokens_saved == off.prefill_tokens

@@ -15,6 +15,8 @@ from tiny_models import sliding_gemma3 as _sliding_gemma3  # noqa: E402
 from tiny_models import transformers_probabilities as _hf_probabilities  # noqa: E402
 from utils.static_decode import StaticDecoder, nucleus_keep_mask, process_scores  # noqa: E402
 
+_sort = torch.sort
+
 
 def _left_padded_batch():
     generator = torch.Generator().manual_seed(1)
@@ -45,8 +47,7 @@ def test_greedy_equals_generate_token_for_token(family, lora, attention):
 
 
 def _our_probabilities(logits, input_ids, penalty, temperature, top_p):
-    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, input_ids, True)
-    probs = torch.softmax(process_scores(logits, seen, penalty, temperature), dim=-1)
+    probs = torch.softmax(process_scores(logits, input_ids, penalty, temperature), dim=-1)
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     kept = sorted_probs * nucleus_keep_mask(sorted_probs, top_p)
     kept = kept / kept.sum(dim=-1, keepdim=True)
@@ -64,11 +65,15 @@ def test_processed_distribution_equals_transformers_processors(temperature, top_
     assert torch.equal(got > 0, expected > 0)  # the same nucleus, token for token
 
 
-@pytest.mark.parametrize("candidates", [512, 4])  # 4: every row's nucleus is larger, so the full-sort path samples
-def test_sampled_first_tokens_follow_the_generate_distribution(candidates, monkeypatch):
+# (4, 512): every row's nucleus is larger than 4 tokens, so the wider look samples; (4, 6): the full sort does.
+@pytest.mark.parametrize("candidates,wide", [(512, 8192), (4, 512), (4, 6)])
+def test_sampled_first_tokens_follow_the_generate_distribution(candidates, wide, monkeypatch):
     from scipy.stats import chisquare
 
     monkeypatch.setattr("utils.static_decode.TOP_P_CANDIDATES", candidates)
+    monkeypatch.setattr("utils.static_decode.TOP_P_WIDE_CANDIDATES", wide)
+    sorted_rows = []
+    monkeypatch.setattr(torch, "sort", lambda *args, **kwargs: sorted_rows.append(args[0].shape[0]) or _sort(*args, **kwargs))
     model = _random_model("llama", "sdpa")
     with torch.no_grad():  # sharpen the random model so the nucleus is a few dozen tokens
         model.lm_head.weight.mul_(8)
@@ -80,8 +85,10 @@ def test_sampled_first_tokens_follow_the_generate_distribution(candidates, monke
     expected = _hf_probabilities(logits, prompt, 1.2, 0.8, 0.9)[0]
     torch.manual_seed(4)
     decoder = StaticDecoder(model, *ids.shape, 1, 0, set(), temperature=0.8, top_p=0.9, repetition_penalty=1.2)
+    sorted_rows.clear()  # only the decoder's own sorts count
     first = decoder.decode(ids, mask)[:, 0]
     assert bool(decoder.uncovered.all()) == (candidates == 4)
+    assert sum(sorted_rows) == (rows if wide == 6 else 0)
     counts = torch.bincount(first, minlength=VOCAB).double()
     support = expected > 0
     assert int(support.sum()) > 8, "the nucleus must hold several tokens for the test to mean anything"
@@ -282,3 +289,58 @@ def test_sliding_models_without_per_layer_type_masks_stay_within_their_window():
     assert supports_static_decode(model, 8) and not supports_static_decode(model, 9)
     with pytest.raises(ValueError, match="sliding window"):
         StaticDecoder(model, 2, 6, 4, 0, set(), temperature=0.0, top_p=1.0, repetition_penalty=1.0)
+
+
+def _finish_all_but(kept: set[int]):
+    """A stop check that ends every row but `kept` (original row numbers) at its first call, as stop strings would."""
+    calls = []
+
+    def stop_check(tokens, rows):
+        calls.append(list(rows))
+        return set(rows) - kept if len(calls) == 1 else set()
+
+    return stop_check, calls
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_last_live_rows_finish_in_a_smaller_decoder_with_the_same_tokens(monkeypatch, family):
+    # 32 rows; at the first check (step 8) all but 3 are done, so the 3 go on in a decoder of 8 rows (32 / 4).
+    # The "graph" is the eager step, so the tail's rehearsal and rewind run too.
+    monkeypatch.setattr(StaticDecoder, "_capture", lambda self: self._eager_step)
+    model = _random_model(family, "sdpa")
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, VOCAB, (32, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    ids[5, :4], mask[5, :4] = 0, 0
+    settings = dict(temperature=0.0, top_p=1.0, repetition_penalty=1.3)
+    kept = {2, 5, 30}
+    outputs = {}
+    for compact in (False, True):
+        decoder = StaticDecoder(model, 32, 9, 40, 0, set(), compact_rows=compact, use_cuda_graph=True, **settings)
+        stop_check, calls = _finish_all_but(kept)
+        outputs[compact] = decoder.decode(ids, mask, stop_check=stop_check)
+        assert decoder.compacted_batches == int(compact)
+        # Later checks ask only about the kept rows, by their row numbers in whichever decoder holds them.
+        assert all(len(rows) == 3 for rows in calls[1:]) and len(calls) > 2
+    assert torch.equal(outputs[True], outputs[False])
+    # The first check comes after the prefill's token and 8 steps: the other rows end there.
+    assert (outputs[True][sorted(kept), 9:] != 0).all() and (outputs[True][[0, 1, 31], 9:] == 0).all()
+
+
+def test_a_decoder_with_a_tail_reused_across_batches_samples_what_fresh_ones_sample(monkeypatch):
+    monkeypatch.setattr(StaticDecoder, "_capture", lambda self: self._eager_step)
+    model = _random_model("llama", "sdpa")
+    generator = torch.Generator().manual_seed(6)
+    batches = [torch.randint(3, VOCAB, (32, 7), generator=generator) for _ in range(2)]
+    settings = dict(temperature=1.0, top_p=0.9, repetition_penalty=1.2)
+
+    def decode(decoder, ids, seed):
+        torch.manual_seed(seed)
+        return decoder.decode(ids, torch.ones_like(ids), stop_check=_finish_all_but({0, 17})[0])
+
+    fresh = lambda: StaticDecoder(model, 32, 7, 30, 0, set(), use_cuda_graph=True, **settings)
+    expected = [decode(fresh(), batches[0], 1), decode(fresh(), batches[1], 2)]
+    reused = fresh()
+    got = [decode(reused, batches[0], 1), decode(reused, batches[1], 2)]
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert reused.compacted_batches == 2 and list(reused._tails) == [8]

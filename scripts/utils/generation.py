@@ -14,9 +14,11 @@ assigning `engine.model` releases them too (a graph replays the model it was cap
 
 When every row of a static batch starts with the same tokens (at least `MIN_SHARED_PREFIX` of them:
 few-shot demonstrations, or N copies of one prompt), that prefix is prefilled once and its keys and
-values shared by all rows (`share_prefix=False` turns this off); `prefix_tokens_saved` counts the
-prefill tokens this spared, `prefill_tokens` those computed (padding included). Its length is rounded
-down to a multiple of `width_multiple`, so batches behind one fixed prefix keep one decoder shape.
+values shared by all rows, and the rest of a prompt that several rows repeat (N candidates) is
+prefilled once for all of them (`share_prefix=False` turns both off); `prefix_tokens_saved` counts the
+prefill tokens this spared, `prefill_tokens` those computed (padding included, but not columns that
+are padding in every row). The prefix length is rounded down to a multiple of `width_multiple`, so
+batches behind one fixed prefix keep one decoder shape.
 
     engine = GenerationEngine(model, tokenizer, batch_size=32, seed=42)
     results = engine.generate([(key, prompt_text), ...], SamplingParams(...), stop_strings=[...],
@@ -164,7 +166,7 @@ class GenerationEngine:
         self.oom_events = 0
         self.share_prefix = share_prefix
         self.prefill_tokens = 0  # prompt tokens the static loop prefilled, padding included
-        self.prefix_tokens_saved = 0  # prompt tokens it did not prefill, thanks to a shared prefix
+        self.prefix_tokens_saved = 0  # prompt tokens it did not prefill, thanks to a shared prefix or repeated prompts
 
     def generate(self, items: Iterable[tuple[str, str]], params: SamplingParams,
                  stop_strings: Sequence[str] = (), on_result: Callable[[GenerationResult], None] | None = None,
@@ -245,8 +247,6 @@ class GenerationEngine:
             if supports_static_decode(self.model, padded + params.max_new_tokens):
                 width = padded
             input_ids, attention = prefix_layout(sequences, prefix, pad_id, width)
-            self.prefill_tokens += prefix + len(batch) * (width - prefix)
-            self.prefix_tokens_saved += (len(batch) - 1) * prefix
             torch.manual_seed(_batch_seed(self.seed, batch[0][0]))
             new_tokens = self._static_decode(input_ids.to(device), attention.to(device), params, stop_strings, prefix).tolist()
             return [self._finish(key, tokens, params, stop_strings) for (key, _), tokens in zip(batch, new_tokens, strict=True)]
@@ -303,9 +303,13 @@ class GenerationEngine:
                                     enders, temperature=params.temperature, top_p=params.top_p,  # <= 0: greedy
                                     repetition_penalty=params.repetition_penalty, device=input_ids.device,
                                     check_every=window, use_cuda_graph=self.cuda_graph and input_ids.device.type == "cuda",
-                                    compile_forward=self.compile, prefix_length=prefix)
+                                    compile_forward=self.compile, prefix_length=prefix, group_copies=self.share_prefix)
         self._decoders[key] = decoder  # most recently used last
-        return decoder.decode(input_ids, attention, stop_check=stopped_rows if stop_strings else None)
+        tokens = decoder.decode(input_ids, attention, stop_check=stopped_rows if stop_strings else None)
+        computed, unshared = decoder.last_prefill_tokens
+        self.prefill_tokens += computed
+        self.prefix_tokens_saved += unshared - computed
+        return tokens
 
     def _shortest_stopped_prefix(self, kept: list[int], stop_strings: list[str]) -> int:
         """Tokens up to the one that completes the first stop string, as `generate` would have stopped."""

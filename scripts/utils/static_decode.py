@@ -9,7 +9,8 @@ Semantics follow `generate` with `RepetitionPenaltyLogitsProcessor` -> `Temperat
 `TopPLogitsWarper` -> multinomial, in that order, float32 scores, EOS rows padded afterwards:
 greedy output is the same token for token, and sampling draws from the same distribution (the
 random numbers differ). Top-p looks at the `TOP_P_CANDIDATES` most probable tokens only; a row whose
-nucleus is larger is re-sampled from the fully sorted distribution, so nothing is approximated.
+nucleus is larger is re-sampled from its `TOP_P_WIDE_CANDIDATES` most probable tokens, or, where even
+those hold less than top_p of the mass, from the fully sorted distribution, so nothing is approximated.
 
 During decoding, attention for the one new token goes through `decode_attention`, which reads each
 key/value head once for its whole query-head group. transformers' SDPA path with a mask first copies
@@ -28,7 +29,16 @@ With `prefix_length=P` the first P columns of every row hold the same tokens (fe
 demonstrations, or N copies of one prompt): they are prefilled once, at batch 1, and their keys and
 values copied into every row's cache; only each row's suffix (left-padded inside columns [P, width))
 is prefilled at batch size. Masks use each key's position (a per-row buffer), never its column, so
-the padding between prefix and suffix changes nothing.
+the padding between prefix and suffix changes nothing. Rows that are copies of one prompt (N candidates
+for one instruction) have their suffix prefilled once (`group_copies`), and its keys and values copied
+to every copy; columns that are padding in every row are not computed at all (decoding masks them).
+
+Rows finish at different steps (answers of 10 to 256 tokens in one batch), and a step costs about the
+same whether 256 rows are live or 3. So once at most a quarter of the rows are live, they move into a
+decoder a quarter the size (`compact_rows`; its own cache and graph, kept for the next batch) and go on
+there, and so on down to `MIN_TAIL_BATCH` rows. Greedy tokens do not change; sampled rows draw other
+random numbers from the same distribution. Not under `compile_forward`, where each new batch size
+would compile the step again.
 
 On the CPU the same loop runs eagerly. `supports_static_decode` says when the loop applies; the
 engine falls back to `generate` otherwise.
@@ -40,9 +50,16 @@ import inspect
 from collections.abc import Callable
 
 __all__ = ["StaticDecoder", "supports_static_decode", "accepts_mask_mapping", "sliding_window_of", "process_scores",
-           "nucleus_keep_mask", "decode_attention", "report_compile_failure", "TOP_P_CANDIDATES"]
+           "nucleus_keep_mask", "decode_attention", "report_compile_failure", "TOP_P_CANDIDATES", "TOP_P_WIDE_CANDIDATES",
+           "COMPACTION_FACTOR",
+           "MIN_TAIL_BATCH"]
 
 TOP_P_CANDIDATES = 512
+# A second, wider look before sorting a whole row: on the random-init 7B shape (nearly flat logits) the
+# full sort of the rows that fell through took about 1 ms of a 15 ms step on an H100.
+TOP_P_WIDE_CANDIDATES = 8192
+COMPACTION_FACTOR = 4  # rows live at most 1/COMPACTION_FACTOR of the batch: go on in a decoder that size
+MIN_TAIL_BATCH = 8
 SERVED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 # How a gemma-style decoder's forward takes ready-made per-layer-type masks instead of building its own.
 _MASK_MAPPING_SOURCE = "isinstance(causal_mask_mapping := attention_mask, dict)"
@@ -173,16 +190,19 @@ def _register_decode_attention() -> str:
     return DECODE_ATTENTION
 
 
-def process_scores(logits, seen, repetition_penalty: float, temperature: float):
-    """float32 scores after the repetition penalty and the temperature, as `generate` computes them."""
+def process_scores(logits, seen_ids, repetition_penalty: float, temperature: float):
+    """float32 scores after the repetition penalty and the temperature, as `generate` computes them.
+    `seen_ids` (batch, n): the ids each row has seen (repeats allowed), gathered and scattered back as
+    `RepetitionPenaltyLogitsProcessor` does, so only those columns are touched: a dense mask over the
+    vocabulary (262k entries for gemma) cost several more passes over the scores every step."""
     import torch
 
-    scores = logits.float()
+    scores = logits.to(torch.float32, copy=True)
     if repetition_penalty != 1.0:
-        penalized = torch.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
-        scores = torch.where(seen, penalized, scores)
+        previous = scores.gather(1, seen_ids)
+        scores.scatter_(1, seen_ids, torch.where(previous < 0, previous * repetition_penalty, previous / repetition_penalty))
     if temperature > 0 and temperature != 1.0:
-        scores = scores / temperature
+        scores.div_(temperature)
     return scores
 
 
@@ -195,6 +215,17 @@ def nucleus_keep_mask(sorted_probs_desc, top_p: float):
     keep = mass_above < top_p
     keep[..., 0] = True
     return keep
+
+
+def _nucleus_sample(probs, candidates: int, top_p: float):
+    """(a token per row drawn from its top-p nucleus among its `candidates` most probable tokens, whether
+    those candidates hold less than top_p of the mass). A covered row's draw is exact: every token
+    outside its candidates then has at least top_p above it and is dropped by top-p as well."""
+    import torch
+
+    top_probs, top_ids = torch.topk(probs, candidates, dim=-1)
+    choice = _exponential_race(top_probs * nucleus_keep_mask(top_probs, top_p))
+    return top_ids.gather(1, choice[:, None]).squeeze(1), top_probs.sum(dim=-1) < top_p
 
 
 def _exponential_race(probs):
@@ -222,7 +253,7 @@ class StaticDecoder:
     def __init__(self, model, batch: int, width: int, max_new_tokens: int, pad_id: int, end_ids: set[int],
                  temperature: float, top_p: float, repetition_penalty: float, device=None,
                  check_every: int = 8, use_cuda_graph: bool | None = None, compile_forward: bool = False,
-                 prefix_length: int = 0):
+                 prefix_length: int = 0, group_copies: bool = True, compact_rows: bool = True):
         import torch
 
         self.torch = torch
@@ -234,6 +265,14 @@ class StaticDecoder:
         if not 0 <= prefix_length < width:
             raise ValueError(f"prefix_length must be in [0, width={width}), got {prefix_length}: each row needs a token of its own")
         self.prefix_length = prefix_length
+        self.group_copies = group_copies
+        self.compact_rows = compact_rows
+        self._tails: dict[int, StaticDecoder] = {}  # smaller decoders the live rows move into (compact_rows)
+        self.compacted_batches = 0  # batches whose last rows finished in a smaller decoder
+        self._settings = dict(pad_id=pad_id, end_ids=set(end_ids), temperature=temperature, top_p=top_p,
+                              repetition_penalty=repetition_penalty, check_every=check_every, use_cuda_graph=use_cuda_graph)
+        # (prompt tokens computed, tokens an unshared prefill of the same rows computes), for the last batch
+        self.last_prefill_tokens = (0, 0)
         self.sliding_window = sliding_window_of(model)
         self.mask_mapping = self.sliding_window is not None and accepts_mask_mapping(model)
         if self.sliding_window is not None and not self.mask_mapping and self.length > self.sliding_window:
@@ -258,7 +297,9 @@ class StaticDecoder:
 
         self.prompt_ids = zeros(batch, width, dtype=torch.long)
         self.valid = zeros(batch, self.length, dtype=torch.bool)
-        self.seen = zeros(batch, vocab, dtype=torch.bool)
+        # Every id a row has seen, like generate's input_ids (the prompt, left padding included, then each
+        # new token); the columns not generated yet repeat the row's first id, which changes nothing.
+        self.seen_ids = zeros(batch, self.length, dtype=torch.long)
         self.done = zeros(batch, dtype=torch.bool)
         self.out = zeros(batch, max_new_tokens, dtype=torch.long)
         self.cur_token = zeros(batch, 1, dtype=torch.long)
@@ -288,8 +329,8 @@ class StaticDecoder:
         self.prompt_ids.copy_(input_ids)
         self.valid.zero_()
         self.valid[:, :self.width] = attention_mask.bool()
-        self.seen.zero_()
-        self.seen.scatter_(1, input_ids, True)  # like generate: the prompt, left padding included
+        self.seen_ids[:, :self.width] = input_ids
+        self.seen_ids[:, self.width:] = input_ids[:, :1]
         self.done.zero_()
         self.out.fill_(self.pad_id)
         self.cur_token.zero_()
@@ -310,10 +351,11 @@ class StaticDecoder:
         torch = self.torch
         return torch.zeros((), dtype=self.mask_dtype, device=self.device).masked_fill(~allowed, torch.finfo(self.mask_dtype).min)
 
-    def _in_window(self, query_positions):
+    def _in_window(self, query_positions, key_position=None):
         """Keys a query at each of `query_positions` (batch, queries) may see through a sliding layer,
         by position: (batch, queries, cache length)."""
-        return self.key_position[:, None, :] > query_positions[:, :, None] - self.sliding_window
+        key_position = self.key_position if key_position is None else key_position
+        return key_position[:, None, :] > query_positions[:, :, None] - self.sliding_window
 
     def _forward(self, input_ids, position_ids, allowed, sliding=None, model=None, cache=None, **attention_kwargs):
         """Logits at the last input position. `allowed`: what full-attention layers may see; `sliding`:
@@ -327,38 +369,39 @@ class StaticDecoder:
                        past_key_values=self.cache if cache is None else cache, **attention_kwargs).logits[:, -1, :]
 
     def _select(self, logits):
-        """(next tokens, the scores they were drawn from); the scores serve `_full_sort_resample`, and
-        are passed along rather than kept on the decoder, where the next prefill would replace the
+        """(next tokens, the probabilities they were drawn from); those serve `_resample`, and are
+        passed along rather than kept on the decoder, where the next prefill would replace the
         captured graph's own tensor."""
         torch = self.torch
-        scores = process_scores(logits, self.seen, self.repetition_penalty, self.temperature)
+        scores = process_scores(logits, self.seen_ids, self.repetition_penalty, self.temperature)
         if self.greedy:
             return scores.argmax(dim=-1), scores
         probs = torch.softmax(scores, dim=-1)
         if self.top_p >= 1.0:
-            return _exponential_race(probs), scores
-        top_probs, top_ids = torch.topk(probs, self.candidates, dim=-1)
-        keep = nucleus_keep_mask(top_probs, self.top_p)
-        # Covered when the candidates hold at least top_p of the mass: every token outside them then
-        # has at least that much above it and is dropped by top-p as well.
-        self.uncovered.copy_(top_probs.sum(dim=-1) < self.top_p)
-        choice = _exponential_race(top_probs * keep)
-        return top_ids.gather(1, choice[:, None]).squeeze(1), scores
+            return _exponential_race(probs), probs
+        next_tokens, uncovered = _nucleus_sample(probs, self.candidates, self.top_p)
+        self.uncovered.copy_(uncovered)
+        return next_tokens, probs
 
-    def _full_sort_resample(self, next_tokens, scores) -> None:
-        """Rows whose nucleus exceeds the candidates: sample from the whole sorted distribution."""
+    def _resample(self, next_tokens, probs) -> None:
+        """Rows whose nucleus exceeds the candidates: sample from a wider top-k, or where that does not
+        hold top_p of the mass either, from the whole sorted distribution."""
         torch = self.torch
         rows = self.uncovered.nonzero().squeeze(1)
-        probs = torch.softmax(scores[rows], dim=-1)
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        choice = _exponential_race(sorted_probs * nucleus_keep_mask(sorted_probs, self.top_p))
-        next_tokens[rows] = order.gather(1, choice[:, None]).squeeze(1)
+        row_probs = probs[rows]
+        tokens, uncovered = _nucleus_sample(row_probs, min(TOP_P_WIDE_CANDIDATES, row_probs.shape[-1]), self.top_p)
+        if bool(uncovered.any()):
+            flat = uncovered.nonzero().squeeze(1)
+            sorted_probs, order = torch.sort(row_probs[flat], dim=-1, descending=True)
+            choice = _exponential_race(sorted_probs * nucleus_keep_mask(sorted_probs, self.top_p))
+            tokens[flat] = order.gather(1, choice[:, None]).squeeze(1)
+        next_tokens[rows] = tokens
 
     def _commit(self, next_tokens) -> None:
         torch = self.torch
         next_tokens = torch.where(self.done, torch.full_like(next_tokens, self.pad_id), next_tokens)
         self.out.index_copy_(1, self.step_index, next_tokens[:, None])
-        self.seen.scatter_(1, next_tokens[:, None], True)
+        self.seen_ids.index_copy_(1, self.step_index + self.width, next_tokens[:, None])
         self.done |= (next_tokens[:, None] == self.end_ids[None, :]).any(dim=-1)
         self.cur_token.copy_(next_tokens[:, None])
         self.step_index += 1
@@ -391,7 +434,10 @@ class StaticDecoder:
                 config._attn_implementation = implementation
 
     def _decode_steps(self):
-        steps_left = self.max_new_tokens - 1
+        self._run_steps(self.max_new_tokens - 1)
+        return self.out
+
+    def _run_steps(self, steps_left: int) -> None:
         step_fn = self._eager_step
         if self._step is not None:
             step_fn = self._step
@@ -406,9 +452,46 @@ class StaticDecoder:
             steps_left -= 1
         for step in range(steps_left):
             step_fn()
-            if (step + 1) % self.check_every == 0 and self._all_finished():
-                break
-        return self.out
+            if (step + 1) % self.check_every == 0 and (self._all_finished() or self._compacted(steps_left - step - 1)):
+                return
+
+    def _compacted(self, steps_left: int) -> bool:
+        """Whether the live rows went on in a smaller decoder and finished there (their tokens are
+        back in `out`); False where they stay here."""
+        torch = self.torch
+        size = self.batch // COMPACTION_FACTOR
+        if not self.compact_rows or self.compile_forward or size < MIN_TAIL_BATCH or steps_left < 2 * self.check_every:
+            return False
+        live = (~self.done).nonzero().squeeze(1)
+        if len(live) > size:
+            return False
+        tail = self._tails.get(size)
+        if tail is None:
+            tail = self._tails[size] = StaticDecoder(self.model, size, self.width, self.max_new_tokens, device=self.device,
+                                                     prefix_length=self.prefix_length, group_copies=self.group_copies,
+                                                     **self._settings)
+        # The spare rows repeat a live one (no empty attention row) and are done from the start.
+        rows = torch.cat([live, live[:1].expand(size - len(live))])
+        tail._take_rows(self, rows, len(live))
+        tail.stop_check = self.stop_check
+        tail._run_steps(steps_left)
+        self.out[live] = tail.out[:len(live)]
+        self.done[live] = tail.done[:len(live)]
+        self.compacted_batches += 1
+        return True
+
+    def _take_rows(self, parent: StaticDecoder, rows, live: int) -> None:
+        """Continue `parent`'s rows `rows` (the first `live` of them unfinished) from where they are."""
+        for name in ("valid", "seen_ids", "done", "out", "cur_token", "position", "key_position", "uncovered"):
+            getattr(self, name).copy_(getattr(parent, name)[rows])
+        self.done[live:] = True
+        self.column.copy_(parent.column)
+        self.step_index.copy_(parent.step_index)
+        self._initialize_cache()
+        for mine, theirs in zip(self.cache.layers, parent.cache.layers, strict=True):
+            mine.keys.copy_(theirs.keys[rows])
+            mine.values.copy_(theirs.values[rows])
+            mine.cumulative_length.copy_(theirs.cumulative_length)
 
     def _warm_up_step(self) -> None:
         if not self.compile_forward:
@@ -424,25 +507,86 @@ class StaticDecoder:
 
     def _prefill(self) -> None:
         """The model's own attention over the prompt columns after the shared prefix (all of them
-        without one); the prefix is in the cache by then."""
+        without one); the prefix is in the cache by then. Columns that are padding in every row are
+        skipped, and a suffix that several rows share is computed once (`_distinct_rows`)."""
         torch = self.torch
         start = self.prefix_length
         if start:
             self._prefill_prefix()
-        rows = torch.arange(start, self.width, device=self.device)
+        # Every row has a token of its own, so some row uses a column at or after `start`.
+        first = start + int(self.valid[:, start:self.width].any(dim=0).long().argmax())
+        representatives, copy_of = self._distinct_rows(first)
+        rows = slice(None) if representatives is None else representatives
+        queries = torch.arange(first, self.width, device=self.device)
         columns = torch.arange(self.length, device=self.device)
+        positions = self._prefill_positions[rows, first:]
         # Column order is position order for every row's real tokens (prefix, then its left-padded suffix).
-        allowed = (rows[None, :, None] >= columns[None, None, :]) & self.valid[:, None, :]
-        sliding = (allowed & self._in_window(self._prefill_positions[:, start:])) if self.mask_mapping else None
+        allowed = (queries[None, :, None] >= columns[None, None, :]) & self.valid[rows, None, :]
+        sliding = (allowed & self._in_window(positions, self.key_position[rows])) if self.mask_mapping else None
         # A padding row attends to itself so no row is empty (an empty softmax row gives NaN that the
         # cache would carry into every later step).
-        itself = (rows[:, None] == columns[None, :])[None]
+        itself = (queries[:, None] == columns[None, :])[None]
         allowed |= itself
         if sliding is not None:
             sliding |= itself
-        logits = self._forward(self.prompt_ids[:, start:], self._prefill_positions[:, start:], allowed[:, None],
-                               None if sliding is None else sliding[:, None])
+        cache = self.cache if representatives is None else self._row_view_cache(len(representatives))
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(first)
+        logits = self._forward(self.prompt_ids[rows, first:], positions, allowed[:, None], None if sliding is None else sliding[:, None],
+                               cache=cache)
+        if representatives is not None:
+            for layer in self.cache.layers:  # row u of the view holds distinct prompt u: give each row its own
+                layer.keys[:, :, first:self.width] = layer.keys[copy_of, :, first:self.width]
+                layer.values[:, :, first:self.width] = layer.values[copy_of, :, first:self.width]
+                layer.cumulative_length.fill_(self.width)
+            logits = logits[copy_of]
+        computed_rows = self.batch if representatives is None else len(representatives)
+        self.last_prefill_tokens = (start + computed_rows * (self.width - first), self.batch * (self.width - first + start))
         self._finish_step(*self._select(logits))
+
+    def _distinct_rows(self, first: int):
+        """(one row index per distinct prompt, each row's index into those), or (None, None) when every
+        row is distinct or grouping is off."""
+        torch = self.torch
+        if not self.group_copies or self.batch == 1:
+            return None, None
+        rows = torch.cat([self.prompt_ids[:, first:], self.valid[:, first:self.width].long()], dim=1)
+        distinct, copy_of = torch.unique(rows, dim=0, return_inverse=True)
+        if len(distinct) == self.batch:
+            return None, None
+        representatives = torch.full((len(distinct),), self.batch, dtype=torch.long, device=self.device)
+        representatives.scatter_reduce_(0, copy_of, torch.arange(self.batch, device=self.device), reduce="amin")
+        return representatives, copy_of
+
+    def _row_view_cache(self, rows: int):
+        """A cache over the first `rows` rows of the static cache (views: what the model writes there
+        lands in the static cache itself), for a prefill at that batch size."""
+        import copy
+
+        from transformers.cache_utils import Cache
+
+        self._initialize_cache()
+        views = []
+        for layer in self.cache.layers:
+            view = copy.copy(layer)
+            view.keys, view.values = layer.keys[:rows], layer.values[:rows]
+            view.batch_size = rows
+            view.cumulative_length = layer.cumulative_length.clone()
+            views.append(view)
+        return Cache(layers=views)
+
+    def _initialize_cache(self) -> None:
+        """Allocate the static cache's layers (a forward pass would on its first write)."""
+        torch = self.torch
+        if all(layer.is_initialized for layer in self.cache.layers):
+            return
+        config = _text_config(self.model)
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        empty = torch.empty(self.batch, heads, 0, head_dim, dtype=self.mask_dtype, device=self.device)
+        for layer in self.cache.layers:
+            if not layer.is_initialized:
+                layer.lazy_initialization(empty, empty)
 
     def _prefill_prefix(self) -> None:
         """The shared prefix once, at batch 1, into a cache of its own; its keys and values then go
@@ -467,9 +611,9 @@ class StaticDecoder:
     def _may_resample(self) -> bool:
         return not self.greedy and self.top_p < 1.0
 
-    def _finish_step(self, next_tokens, scores) -> None:
+    def _finish_step(self, next_tokens, probs) -> None:
         if self._may_resample and bool(self.uncovered.any()):
-            self._full_sort_resample(next_tokens, scores)
+            self._resample(next_tokens, probs)
         self._commit(next_tokens)
 
     def _eager_step(self) -> None:
@@ -481,7 +625,7 @@ class StaticDecoder:
         the same random numbers whether its decoder is new or reused. Returns None where capture
         fails; the rehearsal then stands as the batch's first decode step."""
         torch = self.torch
-        buffers = [self.valid, self.seen, self.done, self.out, self.cur_token, self.position, self.column,
+        buffers = [self.valid, self.seen_ids, self.done, self.out, self.cur_token, self.position, self.column,
                    self.step_index] + [layer.cumulative_length for layer in self.cache.layers]
         saved = [buffer.clone() for buffer in buffers]
         rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
@@ -509,17 +653,17 @@ class StaticDecoder:
         holder = {}
         with torch.cuda.stream(side):
             with torch.cuda.graph(graph, stream=side):
-                holder["next"], holder["scores"] = self._select(self._decode_logits())
+                holder["next"], holder["probs"] = self._select(self._decode_logits())
                 if not self._may_resample:
                     self._commit(holder["next"])
         torch.cuda.current_stream().wait_stream(side)
-        next_tokens, scores = holder["next"], holder["scores"]
+        next_tokens, probs = holder["next"], holder["probs"]
 
         def replay() -> None:
             graph.replay()
             if self._may_resample:
                 # Outside the graph: an uncovered row is re-sampled before the token is committed.
-                self._finish_step(next_tokens, scores)
+                self._finish_step(next_tokens, probs)
 
         return replay
 
