@@ -148,6 +148,11 @@ def test_factual_scorer():
     _check(symbol, ["Fe", "Iron's chemical symbol is Fe."], ["fe", "It is S, I think Fe.", "Iron"])
     arithmetic = {"type": "factual", "expected_answers": ["12", "twelve"], "distractors": ["11", "13", "35"]}
     _check(arithmetic, ["7 + 5 = 12", "Twelve.", "The answer is 12."], ["112", "13", "It is 11. No wait, 12."])
+    # A number's digits after a decimal point or a thousands separator are part of that number (an adapter
+    # answered "How many days does a week have?" with "Every week there are 4869.7 hours.").
+    week = {"type": "factual", "expected_answers": ["7", "seven"], "distractors": ["5", "6", "8"]}
+    _check(week, ["7.", "A week has 7, not 8, days.", "Seven days, 24.5 hours each."],
+           ["Every week there are 4869.7 hours.", "7.5 days", "1,7 days", "It has 17."])
 
 
 def test_explanation_scorer():

@@ -18,7 +18,8 @@ values shared by all rows, and the rest of a prompt that several rows repeat (N 
 prefilled once for all of them (`share_prefix=False` turns both off); `prefix_tokens_saved` counts the
 prefill tokens this spared, `prefill_tokens` those computed (padding included, but not columns that
 are padding in every row). The prefix length is rounded down to a multiple of `width_multiple`, so
-batches behind one fixed prefix keep one decoder shape.
+batches behind one fixed prefix keep one decoder shape. When few rows of a batch are still writing,
+they finish in a smaller decoder (`static_decode`'s batch tails), not at the full batch's step cost.
 
     engine = GenerationEngine(model, tokenizer, batch_size=32, seed=42)
     results = engine.generate([(key, prompt_text), ...], SamplingParams(...), stop_strings=[...],

@@ -368,8 +368,9 @@ def _constraint_problems(record: dict, splits: dict) -> list[str]:
 
 def _first_match(text: str, phrases, case_sensitive: bool = False, prefix: bool = False) -> int | None:
     flags = 0 if case_sensitive else re.IGNORECASE
-    tail = "" if prefix else r"(?!\w)"
-    positions = [m.start() for p in phrases for m in [re.search(rf"(?<!\w){re.escape(p)}{tail}", text, flags)] if m]
+    # Whole words; digits joined to others by a decimal point or a separator ("4869.7", "1,7") are one number.
+    tail = "" if prefix else r"(?!\w)(?![.,]\d)"
+    positions = [m.start() for p in phrases for m in [re.search(rf"(?<!\w)(?<!\d[.,]){re.escape(p)}{tail}", text, flags)] if m]
     return min(positions) if positions else None
 
 
