@@ -74,8 +74,8 @@ def build_gemma_bpe_tokenizer(meta: dict):
 def _parsed_once():
     """Every `gguf.GGUFReader(path)` made inside returns one reader per file. Parsing the header walks
     each of the 262k vocabulary strings through numpy views, and our metadata read, transformers'
-    config and its weight loading each did it: on 2 CPU cores the bundled model's first load took 52 s
-    with three parses and 31 s with one."""
+    config and its weight loading each did it: on 2 CPU cores the bundled model's first load took 47.8 s
+    with three parses and 30.2 s with one (medians of 3, farm-bench)."""
     import gguf
 
     original = gguf.GGUFReader

@@ -51,8 +51,7 @@ from collections.abc import Callable
 
 __all__ = ["StaticDecoder", "supports_static_decode", "accepts_mask_mapping", "sliding_window_of", "process_scores",
            "nucleus_keep_mask", "decode_attention", "report_compile_failure", "TOP_P_CANDIDATES", "TOP_P_WIDE_CANDIDATES",
-           "COMPACTION_FACTOR",
-           "MIN_TAIL_BATCH"]
+           "COMPACTION_FACTOR", "MIN_TAIL_BATCH"]
 
 TOP_P_CANDIDATES = 512
 # A second, wider look before sorting a whole row: on the random-init 7B shape (nearly flat logits) the
