@@ -23,7 +23,7 @@ MAX_GRAPHS shapes, new shapes run eagerly through the same code. All graphs shar
 a time, so no two graphs' intermediates are alive together.
 
 Without CUDA the same class runs each step eagerly (the tests use this to pin its loss and gradients against
-TRL's own step); the command-line flag refuses a machine without CUDA (`cuda_graphs_problem`).
+TRL's own step); the command-line flag refuses a machine without CUDA (`cuda_graphs_device_problem`).
 """
 
 from __future__ import annotations

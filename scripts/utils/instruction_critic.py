@@ -42,8 +42,8 @@ MAX_LOGIT_BUDGET = 1 << 31
 
 def logit_budget(device) -> int:
     """Logits per relevance forward pass: LOGIT_BUDGET, or on a GPU what a quarter of its free memory holds (at most
-    MAX_LOGIT_BUDGET). With a 262k vocabulary LOGIT_BUDGET alone cuts a batch of 30-token answers to 16 rows; on an
-    H100 that took the pilot's response scoring from 11.8 s to 42.0 s (docs/measurements.md)."""
+    MAX_LOGIT_BUDGET). With a 262k vocabulary LOGIT_BUDGET alone cuts a batch of 30-token answers to 16 rows: on an
+    H100 the pilot's response scoring took 42.0 s under it and 11.8 s under this budget (docs/measurements.md)."""
     import torch
 
     if getattr(device, "type", None) != "cuda" or not torch.cuda.is_available():

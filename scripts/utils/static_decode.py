@@ -575,17 +575,11 @@ class StaticDecoder:
         return Cache(layers=views)
 
     def _initialize_cache(self) -> None:
-        """Allocate the static cache's layers (a forward pass would on its first write)."""
-        torch = self.torch
-        if all(layer.is_initialized for layer in self.cache.layers):
-            return
+        """Allocate the static cache's layers at full batch size (a forward pass would on its first write)."""
         config = _text_config(self.model)
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        empty = torch.empty(self.batch, heads, 0, head_dim, dtype=self.mask_dtype, device=self.device)
-        for layer in self.cache.layers:
-            if not layer.is_initialized:
-                layer.lazy_initialization(empty, empty)
+        self.cache.early_initialization(self.batch, heads, head_dim, self.mask_dtype, self.device)
 
     def _prefill_prefix(self) -> None:
         """The shared prefix once, at batch 1, into a cache of its own; its keys and values then go
@@ -599,9 +593,8 @@ class StaticDecoder:
         causal = (positions[:, None] >= positions[None, :])[None, None]
         sliding = (causal & (positions[None, :] > positions[:, None] - self.sliding_window)) if self.mask_mapping else None
         self._forward(self.prompt_ids[:1, :prefix], positions[None], causal, sliding, cache=own)
+        self._initialize_cache()
         for layer, computed in zip(self.cache.layers, own.layers, strict=True):
-            if not layer.is_initialized:  # its first batch: allocate at full batch size
-                layer.lazy_initialization(computed.keys.expand(self.batch, -1, -1, -1), computed.values.expand(self.batch, -1, -1, -1))
             layer.keys[:, :, :prefix].copy_(computed.keys)  # broadcast over the rows
             layer.values[:, :, :prefix].copy_(computed.values)
             layer.cumulative_length.fill_(prefix)  # the suffix prefill writes from column `prefix` on
