@@ -26,7 +26,9 @@
 # against 4-bit QLoRA on the same data it trained faster to a lower eval loss, docs/measurements.md, "Training speed");
 # any other model, and the cpu profile, keep --quantization auto (4-bit QLoRA on CUDA, as the source asks). QUANT=4bit,
 # none or auto sets it for any model. The gpu TRAIN_ARGS also group batches by length and keep attention off cuDNN
-# (--no-cudnn-attention): the same examples per step, less padding and no per-shape cuDNN plans. The bundled model on
+# (--no-cudnn-attention): the same examples per step, less padding and no per-shape cuDNN plans; they evaluate every
+# 200 steps (--eval-steps 200: ten points on the gpu profile's eval-loss curve; each evaluation took ~2 s of a 116 s
+# run at the default of every 100). The bundled model on
 # the gpu profile also replays each training step from a CUDA graph (GRAPHS=1, --cuda-graphs: its step is bound by
 # kernel launches, not the GPU); GRAPHS=0 turns that off, GRAPHS=1 asks for it with any model (one GPU, no gradient
 # checkpointing, else the training stage exits 2).
@@ -45,7 +47,7 @@ while [ $# -gt 0 ]; do
         --root) root=$2 ;;
       esac
       shift 2 ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -56,7 +58,7 @@ case "$profile" in
   # On a GPU the effective batch stays the source's 8 (8 x 1 instead of 1 x 8): 8.6x faster on gemma-3-270m.
   # Best of 4 response candidates on a GPU (every measured GPU run in docs/measurements.md since response_v4); 1 on a CPU.
   gpu) : "${TEST_COUNT:=200}" "${PILOT_COUNT:=200}" "${SCALE_COUNT:=2000}" "${SHARDS:=4}" "${EPOCHS:=3}" "${BATCH:=256}" \
-         "${TRAIN_ARGS=--per-device-batch-size 8 --grad-accum 1 --group-by-length --no-cudnn-attention}" "${GEN_ARGS=--num-candidates 4}" ;;
+         "${TRAIN_ARGS=--per-device-batch-size 8 --grad-accum 1 --group-by-length --no-cudnn-attention --eval-steps 200}" "${GEN_ARGS=--num-candidates 4}" ;;
   cpu) : "${TEST_COUNT:=25}" "${PILOT_COUNT:=16}" "${SCALE_COUNT:=16}" "${SHARDS:=2}" "${EPOCHS:=1}" "${BATCH:=16}" "${TRAIN_ARGS=}" \
          "${GEN_ARGS=}" ;;
   *) echo "--profile must be gpu, cpu or auto" >&2; exit 2 ;;

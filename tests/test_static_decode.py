@@ -13,7 +13,7 @@ from tiny_models import DECODE_VOCAB as VOCAB  # noqa: E402
 from tiny_models import random_decode_model as _random_model  # noqa: E402
 from tiny_models import sliding_gemma3 as _sliding_gemma3  # noqa: E402
 from tiny_models import transformers_probabilities as _hf_probabilities  # noqa: E402
-from utils.static_decode import StaticDecoder, nucleus_keep_mask, process_scores  # noqa: E402
+from utils.static_decode import StaticDecoder, nucleus_keep_mask, nucleus_rejection_sample, process_scores  # noqa: E402
 
 _sort = torch.sort
 
@@ -65,6 +65,18 @@ def test_processed_distribution_equals_transformers_processors(temperature, top_
     assert torch.equal(got > 0, expected > 0)  # the same nucleus, token for token
 
 
+def _one_prompt_many_rows(rows: int):
+    """(model, prompt, its next-token logits, the prompt as `rows` rows, their mask); the random model sharpened
+    so the nucleus is a few dozen tokens."""
+    model = _random_model("llama", "sdpa")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(input_ids=prompt).logits[:, -1, :]
+    return model, prompt, logits, prompt.repeat(rows, 1), torch.ones(rows, 6, dtype=torch.long)
+
+
 # (4, 512): every row's nucleus is larger than 4 tokens, so the wider look samples; (4, 6): the full sort does.
 @pytest.mark.parametrize("candidates,wide", [(512, 8192), (4, 512), (4, 6)])
 def test_sampled_first_tokens_follow_the_generate_distribution(candidates, wide, monkeypatch):
@@ -74,14 +86,7 @@ def test_sampled_first_tokens_follow_the_generate_distribution(candidates, wide,
     monkeypatch.setattr("utils.static_decode.TOP_P_WIDE_CANDIDATES", wide)
     sorted_rows = []
     monkeypatch.setattr(torch, "sort", lambda *args, **kwargs: sorted_rows.append(args[0].shape[0]) or _sort(*args, **kwargs))
-    model = _random_model("llama", "sdpa")
-    with torch.no_grad():  # sharpen the random model so the nucleus is a few dozen tokens
-        model.lm_head.weight.mul_(8)
-    rows = 6000
-    prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
-    ids, mask = prompt.repeat(rows, 1), torch.ones(rows, 6, dtype=torch.long)
-    with torch.no_grad():
-        logits = model(input_ids=prompt).logits[:, -1, :]
+    model, prompt, logits, ids, mask = _one_prompt_many_rows(rows := 6000)
     expected = _hf_probabilities(logits, prompt, 1.2, 0.8, 0.9)[0]
     torch.manual_seed(4)
     decoder = StaticDecoder(model, *ids.shape, 1, 0, set(), temperature=0.8, top_p=0.9, repetition_penalty=1.2)
@@ -96,6 +101,113 @@ def test_sampled_first_tokens_follow_the_generate_distribution(candidates, wide,
     expected_counts = expected[support].double() / expected[support].double().sum() * rows
     _, p_value = chisquare(counts[support].numpy(), expected_counts.numpy())
     assert p_value > 1e-3
+
+
+def test_rejection_sampling_keeps_the_first_draw_inside_the_nucleus():
+    from scipy.stats import chisquare
+
+    # Three tokens tie at 0.2: a stable descending sort ranks them by id, so the nucleus for top_p = 0.6 is
+    # ids 3 (0.3), 1 and 2 (0.2 each, with 0.3 and 0.5 above them), and not 4 (0.7 above it) or 0.
+    probs = torch.tensor([[0.1, 0.2, 0.2, 0.3, 0.2]])
+    cdf_starts = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.8])
+    inside, outside = cdf_starts[3] + 0.05, cdf_starts[4] + 0.05  # a uniform that draws id 3, one that draws id 4
+    tokens, missed = nucleus_rejection_sample(probs.repeat(3, 1), torch.tensor([[outside, inside, outside],
+                                                                                [inside, outside, outside],
+                                                                                [outside, outside, outside]]), 0.6)
+    assert tokens[:2].tolist() == [3, 3] and missed.tolist() == [False, False, True]
+    rows = 60000
+    generator = torch.Generator().manual_seed(5)
+    tokens, missed = nucleus_rejection_sample(probs.repeat(rows, 1), torch.rand(rows, 2, generator=generator), 0.6)
+    kept = tokens[~missed]
+    counts = torch.bincount(kept, minlength=5).double()
+    assert counts[0] == 0 and counts[4] == 0, "a token outside the nucleus was kept"
+    assert abs(missed.double().mean() - 0.3 ** 2) < 0.01  # both draws miss with probability (1 - 0.7) ** 2
+    _, p_value = chisquare(counts[1:4].numpy(), (torch.tensor([2, 2, 3], dtype=torch.float64) / 7 * len(kept)).numpy())
+    assert p_value > 1e-3
+
+
+def test_inverse_cdf_draws_equal_one_float64_cumulative_sum(monkeypatch):
+    import utils.static_decode as static_decode
+
+    monkeypatch.setattr(static_decode, "CDF_BLOCK", 4)  # 23 tokens: 5 whole blocks and a remainder of 3
+    generator = torch.Generator().manual_seed(6)
+    probs = torch.rand(64, 23, generator=generator)
+    probs[:, 4:8] = 0  # a block that holds nothing
+    probs[:, 13] = 0
+    probs[:, 21:] = 0  # and zeros at the end of the remainder
+    probs /= probs.sum(dim=-1, keepdim=True)
+    uniforms = torch.rand(64, 50, generator=generator, dtype=torch.float64)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    expected = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True)
+    drawn = static_decode.inverse_cdf_draws(probs, uniforms)
+    assert torch.equal(drawn, expected)
+    assert (probs.gather(1, drawn) > 0).all()
+
+
+def test_rejection_draws_follow_top_p():
+    from utils.static_decode import rejection_draws
+
+    assert [rejection_draws(p) for p in (0.85, 0.9, 0.95, 0.99)] == [8, 6, 5, 3]  # (1 - p) ** draws <= 1e-6
+    assert rejection_draws(0.5) == 0  # 20 draws: the exact way instead
+    assert rejection_draws(1.0) == 0
+
+
+# One draw (REJECTION_MISS 0.5 at top_p 0.9) misses the nucleus for about a tenth of the rows, which take
+# their most probable token; six draws miss for about one row in a million.
+@pytest.mark.parametrize("miss", [1e-6, 0.5])
+def test_compiled_step_samples_first_tokens_from_the_nucleus_without_host_checks(miss, monkeypatch):
+    from scipy.stats import chisquare
+
+    import utils.static_decode as static_decode
+
+    monkeypatch.setattr(static_decode, "COMPILE_BACKEND", "aot_eager")  # as test_compiled_decode_step_equals_generate
+    monkeypatch.setattr(static_decode, "REJECTION_MISS", miss)
+    monkeypatch.setattr(StaticDecoder, "_resample", lambda *a: pytest.fail("the rejection sampler never re-samples on the host"))
+    model, prompt, logits, ids, mask = _one_prompt_many_rows(rows := 6000)
+    torch.manual_seed(4)
+    decoder = StaticDecoder(model, *ids.shape, 1, 0, set(), temperature=0.8, top_p=0.9, repetition_penalty=1.2,
+                            compile_forward=True)
+    assert decoder.draws == (6 if miss == 1e-6 else 1) and not decoder._may_resample
+    first = decoder.decode(ids, mask)[:, 0]
+    assert decoder.compile_forward and not StaticDecoder.compile_failed and not StaticDecoder.sampler_compile_failed
+    nucleus = _hf_probabilities(logits, prompt, 1.2, 0.8, 0.9)[0].double()
+    support = nucleus > 0
+    assert int(support.sum()) > 8, "the nucleus must hold several tokens for the test to mean anything"
+    # A draw from the whole distribution lands in the nucleus with probability its mass: a row misses with 1 - mass.
+    full = torch.softmax(process_scores(logits, prompt, 1.2, 0.8), dim=-1)[0].double()
+    missing = 1 - float(full[support].sum()) if miss == 0.5 else 0.0
+    expected = nucleus / nucleus.sum() * (1 - missing)
+    expected[int(full.argmax())] += missing
+    if miss == 0.5:
+        assert abs(decoder.last_sampling_misses - rows * missing) < 5 * (rows * missing) ** 0.5
+    else:
+        assert decoder.last_sampling_misses == 0
+    counts = torch.bincount(first, minlength=VOCAB).double()
+    assert counts[~support].sum() == 0, "a token outside the top-p nucleus was sampled"
+    _, p_value = chisquare(counts[support].numpy(), (expected[support] * rows).numpy())
+    assert p_value > 1e-3
+
+
+def test_a_sampler_that_fails_to_compile_leaves_the_forward_compiled(monkeypatch, capsys):
+    import utils.static_decode as static_decode
+
+    monkeypatch.setattr(static_decode, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(StaticDecoder, "sampler_compile_failed", False)
+    compiled = static_decode._compiled_function
+
+    def failing(function):
+        if function is static_decode._draw_from_nucleus:
+            return lambda *args: (_ for _ in ()).throw(RuntimeError("no triton"))
+        return compiled(function)
+
+    monkeypatch.setattr(static_decode, "_compiled_function", failing)
+    model = _random_model("llama", "sdpa")
+    ids, mask = _left_padded_batch()
+    decoder = StaticDecoder(model, *ids.shape, 6, 0, set(), temperature=1.0, top_p=0.9, repetition_penalty=1.2, compile_forward=True)
+    assert decoder.decode(ids, mask).shape == (4, 6)
+    assert StaticDecoder.sampler_compile_failed and decoder.compile_forward and not StaticDecoder.compile_failed
+    assert decoder._may_resample  # the exact way, with its host check per step
+    assert "torch.compile failed" in capsys.readouterr().out
 
 
 def test_engine_static_loop_matches_generate_with_stop_strings(trained_model_dir):

@@ -168,6 +168,7 @@ class GenerationEngine:
         self.share_prefix = share_prefix
         self.prefill_tokens = 0  # prompt tokens the static loop prefilled, padding included
         self.prefix_tokens_saved = 0  # prompt tokens it did not prefill, thanks to a shared prefix or repeated prompts
+        self.sampling_misses = 0  # sampled tokens whose rejection draws all missed the nucleus (static_decode.REJECTION_MISS)
 
     def generate(self, items: Iterable[tuple[str, str]], params: SamplingParams,
                  stop_strings: Sequence[str] = (), on_result: Callable[[GenerationResult], None] | None = None,
@@ -310,6 +311,7 @@ class GenerationEngine:
         computed, unshared = decoder.last_prefill_tokens
         self.prefill_tokens += computed
         self.prefix_tokens_saved += unshared - computed
+        self.sampling_misses += decoder.last_sampling_misses
         return tokens
 
     def _shortest_stopped_prefix(self, kept: list[int], stop_strings: list[str]) -> int:

@@ -583,7 +583,8 @@ def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path,
     summary = _summarize(files, config, critic_signals)
     # Seconds of this invocation only (a resumed run counts what it did itself); where a stage's time goes.
     summary["phase_seconds"] = {name: round(seconds, 1) for name, seconds in phase_seconds.items()}
-    summary["phase_counts"].update(prefill_tokens=engine.prefill_tokens, prefill_tokens_saved_by_shared_prefix=engine.prefix_tokens_saved)
+    summary["phase_counts"].update(prefill_tokens=engine.prefill_tokens, prefill_tokens_saved_by_shared_prefix=engine.prefix_tokens_saved,
+                                   sampling_misses=engine.sampling_misses)
     return summary
 
 
