@@ -55,8 +55,9 @@ import inspect
 from collections.abc import Callable
 
 __all__ = ["StaticDecoder", "supports_static_decode", "accepts_mask_mapping", "sliding_window_of", "process_scores",
-           "nucleus_keep_mask", "nucleus_rejection_sample", "inverse_cdf_draws", "decode_attention", "report_compile_failure", "TOP_P_CANDIDATES",
-           "TOP_P_WIDE_CANDIDATES", "REJECTION_MISS", "rejection_draws", "COMPACTION_FACTOR", "MIN_TAIL_BATCH"]
+           "nucleus_keep_mask", "nucleus_rejection_sample", "inverse_cdf_draws", "rejection_draws", "decode_attention",
+           "report_compile_failure", "TOP_P_CANDIDATES", "TOP_P_WIDE_CANDIDATES", "REJECTION_MISS", "COMPACTION_FACTOR",
+           "MIN_TAIL_BATCH"]
 
 TOP_P_CANDIDATES = 512
 # A second, wider look before sorting a whole row: on the random-init 7B shape (nearly flat logits) the
@@ -302,7 +303,7 @@ def nucleus_rejection_sample(probs, uniforms, top_p: float):
     top_p. Compiled (the decode step's sampler under `compile_forward`), the per-draw masses are one kernel
     that reads each row once; the top-k look and the full sort this replaces took about 3 ms of a 15 ms
     step on a nearly flat row (the random-weight 7B shape at batch 256 on an H100). A missed row is the
-    caller's to re-sample (`_resample`)."""
+    caller's to serve (`_draw_from_nucleus` gives it its most probable token)."""
     import torch
 
     drawn = inverse_cdf_draws(probs, uniforms)
