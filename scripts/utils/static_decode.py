@@ -261,8 +261,8 @@ def rejection_draws(top_p: float) -> int:
 
 def inverse_cdf_draws(probs, uniforms):
     """(batch, draws) token ids, each drawn from its row's distribution by the inverse CDF at `uniforms`.
-    Accumulated in float64 (in float32 a token's share of a CDF near 1 rounds by up to 6e-8, a few percent
-    of a token's probability in a flat 152k-token row), and in two levels, so no row is scanned whole:
+    Accumulated in float64 (in float32 a token's share of a CDF near 1 rounds by up to 6e-8, about 1% of a
+    token's probability in a flat 152k-token row), and in two levels, so no row is scanned whole:
     the sums of blocks of `CDF_BLOCK` tokens, then the cumulative sum inside the one block a draw lands in."""
     import torch
 
