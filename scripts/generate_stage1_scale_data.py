@@ -17,7 +17,7 @@ Slurm job array (one shard per task; the merge runs once all tasks succeeded):
         "python scripts/generate_stage1_scale_data.py --count 15000 --num-shards 10 --shard-index \\$SLURM_ARRAY_TASK_ID --no-merge")
     sbatch --dependency=afterok:$JOB --wrap "python scripts/generate_stage1_scale_data.py --count 15000 --num-shards 10 --merge"
 
-torchrun / accelerate launch (rank r takes shards i with i % WORLD_SIZE == r on GPU LOCAL_RANK; rank 0
+torchrun / accelerate launch (rank r takes shards i with i % WORLD_SIZE == r on GPU LOCAL_RANK mod the GPU count; rank 0
 waits for the other ranks' shard manifests, then merges; ranks share nothing but files, so across
 nodes the output must be on a shared filesystem):
     torchrun --standalone --nproc-per-node 8 scripts/generate_stage1_scale_data.py --count 15000 --num-shards 10
@@ -227,10 +227,11 @@ def main(args: argparse.Namespace) -> int:
 
             device = "auto"
             if launch.launched and torch.cuda.is_available():
-                if launch.local_rank >= torch.cuda.device_count():
-                    raise BadInputError(f"LOCAL_RANK {launch.local_rank} but only {torch.cuda.device_count()} GPU(s) visible")
-                torch.cuda.set_device(launch.local_rank)
-                device = f"cuda:{launch.local_rank}"
+                # More ranks than GPUs share them round-robin (SCALE_RANKS=2 on one GPU). Each rank needs its own
+                # share of the memory: docs/measurements.md says what two bundled-model ranks on one H100 measured.
+                gpu = launch.local_rank % torch.cuda.device_count()
+                torch.cuda.set_device(gpu)
+                device = f"cuda:{gpu}"
             loaded["model"] = CleanModelLoader(model_name, dtype=args.dtype, device=device,
                                                allow_instruct_model=args.allow_instruct_model).load()
             override = model_override(pilot.get("model_provenance"), loaded["model"][2])

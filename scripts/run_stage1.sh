@@ -18,7 +18,7 @@
 # the Stage 1 adapter's own candidates, DPO, three-way evaluation) on the same profile and root.
 # Several GPUs: the scale stage runs one torchrun rank per visible GPU (at most one per shard; measured
 # 1.93x on 2 and 3.25x on 4, docs/scaling.md), training stays on one GPU (data parallelism was slower
-# for the bundled model). SCALE_RANKS=N overrides the number of scale processes (1: no torchrun).
+# for the bundled model). SCALE_RANKS=N overrides the number of scale processes (1: no torchrun; more than the GPUs share them).
 # Learning rate: the bundled gemma-3-270m (no --model) trains at 5e-4 on the gpu profile, measured better
 # than the source's 2e-4 in two paired runs (docs/measurements.md, "Constraint variants"); any other model,
 # and the cpu profile, keep the source's 2e-4. LR=... sets it for any model.

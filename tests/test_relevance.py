@@ -80,15 +80,23 @@ def test_batch_size_and_the_logit_budget_do_not_change_the_scores(tiny, monkeypa
             assert a[key] == pytest.approx(b[key], abs=1e-3) and a[key] == pytest.approx(c[key], abs=1e-3)
 
 
-def test_the_logit_budget_grows_with_a_gpus_free_memory_only(monkeypatch):
+def test_the_logit_budget_grows_with_the_memory_a_gpu_process_can_have_only(monkeypatch):
     import torch
 
-    from utils.instruction_critic import LOGIT_BUDGET, MAX_LOGIT_BUDGET, logit_budget
+    from utils.instruction_critic import BYTES_PER_LOGIT, LOGIT_BUDGET, MAX_LOGIT_BUDGET, logit_budget
 
     assert logit_budget(torch.device("cpu")) == LOGIT_BUDGET
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for free, want in ((100 * 2**30, MAX_LOGIT_BUDGET), (8 * 2**30, 8 * 2**30 // 40), (2**20, LOGIT_BUDGET)):
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * 2**30))
+    gib = 2**30
+    quarter = 4 * BYTES_PER_LOGIT  # a quarter of the memory, in logits
+    # (driver's free, this process's reserved, its allocated): its own unused cache counts as free, its tensors do not.
+    for free, reserved, allocated, want in ((100 * gib, 0, 0, MAX_LOGIT_BUDGET), (8 * gib, 0, 0, 8 * gib // quarter),
+                                            (2 * gib, 6 * gib, 2 * gib, 6 * gib // quarter), (2 * gib, 6 * gib, 6 * gib, 2 * gib // quarter),
+                                            (2**20, 0, 0, LOGIT_BUDGET)):
+        assert LOGIT_BUDGET <= want <= MAX_LOGIT_BUDGET
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * gib))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device, reserved=reserved: reserved)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device, allocated=allocated: allocated)
         assert logit_budget(torch.device("cuda", 0)) == want
 
 

@@ -220,17 +220,20 @@ class GenerationEngine:
         self.release()
 
     def release(self) -> None:
-        """Drop the kept decoders (their KV caches and graphs); the next batch builds its own again."""
-        self._decoders.clear()
-
-    def _recover_from_oom(self, err: BaseException) -> None:
+        """Drop the kept decoders (their KV caches and graphs) and hand their memory back to the driver, where another
+        process on the same GPU can have it; the next batch builds its own again."""
         import torch
 
+        for decoder in self._decoders.values():
+            decoder.close()
+        self._decoders.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _recover_from_oom(self, err: BaseException) -> None:
         self.oom_events += 1
         self.batch_size = max(1, self.batch_size // 2)
         self.release()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         print(f"[generation] out of memory ({type(err).__name__}); batch size halved to {self.batch_size}", flush=True)
 
     def _generate_batch(self, batch: list[tuple[str, list[int]]], params: SamplingParams,
@@ -300,7 +303,7 @@ class GenerationEngine:
         decoder = self._decoders.pop(key, None)
         if decoder is None:
             while len(self._decoders) >= self.KEPT_DECODERS:
-                self._decoders.pop(next(iter(self._decoders)))  # the least recently used
+                self._decoders.pop(next(iter(self._decoders))).close()  # the least recently used
             decoder = StaticDecoder(self.model, *input_ids.shape, params.max_new_tokens, self.tokenizer.pad_token_id,
                                     enders, temperature=params.temperature, top_p=params.top_p,  # <= 0: greedy
                                     repetition_penalty=params.repetition_penalty, device=input_ids.device,

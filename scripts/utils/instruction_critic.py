@@ -35,21 +35,35 @@ __all__ = ["InstructionCritic", "LOGIT_BUDGET", "logit_budget"]
 # At most this many logits (rows x kept positions x vocabulary) per forward pass of the relevance
 # scorer: 2^27 floats = 512 MiB, where a 262k vocabulary makes 256 response tokens alone 67M per row.
 LOGIT_BUDGET = 1 << 27
-# On a GPU a kept logit costs about 10 bytes at once: the bf16 logit, its float32 copy and the float32 log-softmax.
-BYTES_PER_LOGIT = 10
+# On a GPU a kept logit costs its bf16 value, plus at most LOGIT_BUDGET float32 values at once for the log-softmax
+# (_continuation_sums). Until 2026-11-28 a float32 copy and a float32 log-softmax of every logit were made beside it
+# (10 bytes); a scale shard's response scoring then reserved 63-78 GiB of an H100 (docs/measurements.md).
+BYTES_PER_LOGIT = 2
 MAX_LOGIT_BUDGET = 1 << 31
 
 
 def logit_budget(device) -> int:
-    """Logits per relevance forward pass: LOGIT_BUDGET, or on a GPU what a quarter of its free memory holds (at most
-    MAX_LOGIT_BUDGET). With a 262k vocabulary LOGIT_BUDGET alone cuts a batch of 30-token answers to 16 rows: on an
-    H100 the pilot's response scoring took 42.0 s under it and 11.8 s under this budget (docs/measurements.md)."""
+    """Logits per relevance forward pass: LOGIT_BUDGET, or on a GPU what a quarter of the memory this process can have
+    holds (at most MAX_LOGIT_BUDGET). With a 262k vocabulary LOGIT_BUDGET alone cuts a batch of 30-token answers to 16
+    rows: on an H100 the pilot's response scoring took 42.0 s under it and 11.8 s under this budget (docs/measurements.md).
+    The memory this process can have is the device's free memory plus what its own allocator holds unused: the driver
+    counts that cache as taken, and a scale shard's response generation reserved 28-29 GiB of an H100."""
     import torch
 
     if getattr(device, "type", None) != "cuda" or not torch.cuda.is_available():
         return LOGIT_BUDGET
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return max(LOGIT_BUDGET, min(free // 4 // BYTES_PER_LOGIT, MAX_LOGIT_BUDGET))
+
+
+def _hand_back_cached_memory(device) -> None:
+    """Return the scoring's cached logit blocks to the driver. They are the largest this process allocates, in sizes
+    that vary batch by batch; kept, they count as taken for another process on the same GPU (two scale ranks per GPU)."""
+    import torch
+
+    if getattr(device, "type", None) == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class InstructionCritic:
@@ -138,14 +152,14 @@ class InstructionCritic:
         # Longest continuation first: rows of a batch keep about as many positions as they need.
         order = sorted(range(len(rows)), key=lambda i: (-lengths[i], -len(rows[i]), i))
         vocab = self.model.get_output_embeddings().weight.shape[0]
-        budget = logit_budget(self.model.device)
         out: list[tuple[float, int] | None] = [None] * len(rows)
         pad_id = self.tokenizer.pad_token_id
         progress = tqdm(total=len(rows), desc="relevance", disable=not self.show_progress)
         start = 0
         while start < len(order):
             keep = lengths[order[start]]
-            fits = max(1, min(self.batch_size, budget // ((keep + 1) * vocab)))
+            # Asked again for every batch: a process sharing the GPU may hold more or less memory by now.
+            fits = max(1, min(self.batch_size, logit_budget(self.model.device) // ((keep + 1) * vocab)))
             batch = order[start:start + fits]
             input_ids, attention = left_pad([rows[i] for i in batch], pad_id)
             if keep:
@@ -157,6 +171,7 @@ class InstructionCritic:
             start += len(batch)
             progress.update(len(batch))
         progress.close()
+        _hand_back_cached_memory(self.model.device)
         return out  # type: ignore[return-value]
 
     def _continuation_sums(self, input_ids, attention, keep: int, lengths: list[int]) -> list[float]:
@@ -169,12 +184,15 @@ class InstructionCritic:
         mask = None if bool(attention.all()) else attention.to(device)
         targets = input_ids[:, -keep:].to(device)
         with torch.inference_mode():
-            logits = self._forward_logits(input_ids.to(device), mask, positions.to(device), keep + 1)[:, :-1, :]
-            picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+            logits = self._logits(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions.to(device),
+                                  logits_to_keep=keep + 1)[:, :-1, :]
+            # log_softmax(x)[target] = x[target] - logsumexp(x), in float32 a few rows at a time: only the model's own
+            # logits are ever whole (BYTES_PER_LOGIT), not a float32 copy and a float32 log-softmax beside them.
+            rows_at_once = max(1, LOGIT_BUDGET // (keep * logits.shape[-1]))
+            picked = torch.cat([
+                chunk.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1).float() - torch.logsumexp(chunk.float(), dim=-1)
+                for chunk, chunk_targets in zip(logits.split(rows_at_once), targets.split(rows_at_once), strict=True)]).cpu()
         return [float(picked[r, keep - n:].sum()) for r, n in enumerate(lengths)]
-
-    def _forward_logits(self, input_ids, mask, positions, keep: int):
-        return self._logits(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).float()
 
     def _logits(self, **inputs):
         """The model's logits, through the compiled forward where there is one."""

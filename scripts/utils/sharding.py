@@ -301,7 +301,8 @@ def merge_shards(specs: list[ShardSpec], count: int, expected_configs: dict[int,
     qc = compute_qc(judged, qc_thresholds, phase_counts, critic_signals=critic_signals, constraints=constraint_summary(records))
     shards = [{**s.as_dict(), "manifest": str(s.manifest_path), "manifest_sha256": sha256_file(s.manifest_path),
                "data_sha256": m["outputs"]["data"]["sha256"], "records": m.get("records"), "qc_passed": m["qc"]["passed"],
-               "wall_seconds": m.get("wall_seconds"), "phase_seconds": m.get("phase_seconds")} for s, m in zip(specs, manifests, strict=True)]
+               "wall_seconds": m.get("wall_seconds"), "phase_seconds": m.get("phase_seconds"),
+               "phase_peak_gpu_gib": m.get("phase_peak_gpu_gib")} for s, m in zip(specs, manifests, strict=True)]
     dedup = {"threshold": threshold, "exact_removed": kinds["exact"], "near_removed": kinds["near"],
              "held_out_overlaps_removed": kinds["held_out_overlap"], "removed": removed,
              "records_before": sum(map(len, data)), "records_after_dedup": len(kept), "truncated_to_count": len(kept) - len(records)}

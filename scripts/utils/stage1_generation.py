@@ -477,7 +477,7 @@ def generate_into_folder(job: GenerationJob, loaded: tuple, args, *, batch_size:
         job.stage, args, outputs=outputs, inputs=job.inputs, qc=qc, config=config.as_dict(), prompt_versions=prompt_versions,
         model_provenance=provenance, phase_counts=result["phase_counts"], wall_seconds=round(time.time() - start, 1),
         resumed=resumed, records=len(result["final"]), critic_signals=result["critic_signals"],
-        phase_seconds=result["phase_seconds"],
+        phase_seconds=result["phase_seconds"], phase_peak_gpu_gib=result["phase_peak_gpu_gib"],
         constraint_catalogue_version=CATALOGUE_VERSION, **job.manifest_extra)
     write_manifest_atomic(manifest_path, manifest)
     print(format_qc_table(qc))
@@ -531,14 +531,23 @@ def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path,
                                label_swap=config.label_swap, show_progress=show_progress, compile=compile)
     files = {name: JsonlAppender(out_dir / file_name) for name, file_name in PHASE_FILES.items()}
     phase_seconds: dict[str, float] = {}
+    phase_peak_gib: dict[str, float] = {}
+    gpu = model.device if getattr(model, "device", None) is not None and model.device.type == "cuda" else None
+    if gpu is not None:
+        import torch
 
     @contextlib.contextmanager
     def timed(phase: str):
+        if gpu is not None:
+            torch.cuda.reset_peak_memory_stats(gpu)
         start = time.perf_counter()
         try:
             yield
         finally:
             phase_seconds[phase] = phase_seconds.get(phase, 0.0) + time.perf_counter() - start
+            if gpu is not None:  # what a process sharing the GPU has to leave room for
+                peak = torch.cuda.max_memory_reserved(gpu) / 2**30
+                phase_peak_gib[phase] = max(phase_peak_gib.get(phase, 0.0), peak)
 
     try:
         for round_index in range(config.max_rounds):
@@ -580,9 +589,14 @@ def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path,
     finally:
         for appender in files.values():
             appender.close()
+        # The kept decoders reference the engine through their stop check, so without this their KV caches and graph
+        # pools would wait for a garbage collection while the next shard in this process runs (docs/measurements.md,
+        # "Two scale ranks on one GPU").
+        engine.release()
     summary = _summarize(files, config, critic_signals)
     # Seconds of this invocation only (a resumed run counts what it did itself); where a stage's time goes.
     summary["phase_seconds"] = {name: round(seconds, 1) for name, seconds in phase_seconds.items()}
+    summary["phase_peak_gpu_gib"] = {name: round(gib, 2) for name, gib in phase_peak_gib.items()}
     summary["phase_counts"].update(prefill_tokens=engine.prefill_tokens, prefill_tokens_saved_by_shared_prefix=engine.prefix_tokens_saved,
                                    sampling_misses=engine.sampling_misses)
     return summary

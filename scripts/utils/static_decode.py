@@ -52,6 +52,7 @@ engine falls back to `generate` otherwise.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable
 
 __all__ = ["StaticDecoder", "supports_static_decode", "accepts_mask_mapping", "sliding_window_of", "process_scores",
@@ -783,14 +784,23 @@ class StaticDecoder:
                     self._commit(holder["next"])
         torch.cuda.current_stream().wait_stream(side)
         next_tokens, probs = holder["next"], holder["probs"]
+        if not self._may_resample:
+            return graph.replay
+        # The decoder keeps this closure as its step, so a strong reference back to the decoder would be a cycle
+        # that holds the KV cache and the graph's memory pool until a garbage collection.
+        owner = weakref.ref(self)
 
         def replay() -> None:
             graph.replay()
-            if self._may_resample:
-                # Outside the graph: an uncovered row is re-sampled before the token is committed.
-                self._finish_step(next_tokens, probs)
+            # Outside the graph: an uncovered row is re-sampled before the token is committed.
+            owner()._finish_step(next_tokens, probs)
 
         return replay
+
+    def close(self) -> None:
+        """Drop the captured step and its graph (the memory pool goes with them). The engine closes a decoder it lets
+        go of, so that memory returns when the engine says, whatever still refers to the decoder."""
+        self._step = None
 
     def _all_finished(self) -> bool:
         if self.stop_check is not None:
