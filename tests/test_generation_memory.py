@@ -45,15 +45,17 @@ def test_a_generation_run_frees_its_decoders_without_a_garbage_collection(tiny, 
     assert summary["phase_peak_gpu_gib"] == {}  # on the CPU there is no GPU memory to report
 
 
-def test_release_frees_a_decoder_whose_captured_step_refers_back_to_it(tiny):
+def test_a_captured_step_does_not_keep_its_decoder_alive(tiny):
     from utils.generation import GenerationEngine, SamplingParams
+    from utils.static_decode import _replay_then_finish
 
     model, tokenizer = tiny
     engine = GenerationEngine(model, tokenizer, batch_size=2, show_progress=False, decode_loop="static")
-    engine.generate([("a", "Hello"), ("b", "One two")], SamplingParams(0.0, 1.0, 1.0, 6))
+    engine.generate([("a", "Hello"), ("b", "One two")], SamplingParams(0.7, 0.9, 1.0, 6))
     (decoder,) = engine._decoders.values()
-    # On a GPU the captured step is a closure the decoder keeps; one that refers back to the decoder is a cycle.
-    decoder._step = lambda owner=decoder: owner.out
+    # The step a GPU decoder keeps where rows may be re-sampled (the CPU has no graph to replay); it must not refer
+    # back to the decoder that holds it.
+    decoder._step = _replay_then_finish(decoder, lambda: None, decoder.cur_token.squeeze(1), None)
     watched = weakref.ref(decoder)
     del decoder
     gc.disable()

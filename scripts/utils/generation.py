@@ -224,8 +224,6 @@ class GenerationEngine:
         process on the same GPU can have it; the next batch builds its own again."""
         import torch
 
-        for decoder in self._decoders.values():
-            decoder.close()
         self._decoders.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -303,7 +301,7 @@ class GenerationEngine:
         decoder = self._decoders.pop(key, None)
         if decoder is None:
             while len(self._decoders) >= self.KEPT_DECODERS:
-                self._decoders.pop(next(iter(self._decoders))).close()  # the least recently used
+                self._decoders.pop(next(iter(self._decoders)))  # the least recently used
             decoder = StaticDecoder(self.model, *input_ids.shape, params.max_new_tokens, self.tokenizer.pad_token_id,
                                     enders, temperature=params.temperature, top_p=params.top_p,  # <= 0: greedy
                                     repetition_penalty=params.repetition_penalty, device=input_ids.device,

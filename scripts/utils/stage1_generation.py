@@ -524,6 +524,8 @@ def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path,
                           critic_signals: CriticSignals | None = None) -> dict:
     """Run (or resume) the phases; returns {"final": SFT example dicts, "qc": summary, "phase_counts": counts,
     "critic_signals": the verdict used}. Without `critic_signals` (the pilot) the first round's probe decides them."""
+    import torch
+
     out_dir = Path(out_dir)
     engine = GenerationEngine(model, tokenizer, batch_size=batch_size, seed=config.seed, show_progress=show_progress,
                               compile=compile)
@@ -533,8 +535,6 @@ def run_stage1_generation(model, tokenizer, config: Stage1Config, out_dir: Path,
     phase_seconds: dict[str, float] = {}
     phase_peak_gib: dict[str, float] = {}
     gpu = model.device if getattr(model, "device", None) is not None and model.device.type == "cuda" else None
-    if gpu is not None:
-        import torch
 
     @contextlib.contextmanager
     def timed(phase: str):

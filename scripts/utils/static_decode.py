@@ -343,6 +343,20 @@ def _compiled_function(function):
 _compiled_functions: dict = {}
 
 
+def _replay_then_finish(decoder, replay, next_tokens, probs):
+    """The captured step where rows may need re-sampling: replay the graph, then, outside it, re-sample an uncovered
+    row and commit the token. The decoder keeps this step, so it refers back to the decoder weakly: a strong
+    reference would be a cycle that holds the KV cache and the graph's memory pool until a garbage collection
+    (a scale shard's second shard started with 31 GiB of the first's on an H100, docs/measurements.md)."""
+    owner = weakref.ref(decoder)
+
+    def step() -> None:
+        replay()
+        owner()._finish_step(next_tokens, probs)
+
+    return step
+
+
 class StaticDecoder:
     """Decodes batches of one shape (batch, prompt width, shared prefix length, new tokens) and one set
     of sampling settings.
@@ -783,24 +797,9 @@ class StaticDecoder:
                 if not self._may_resample:
                     self._commit(holder["next"])
         torch.cuda.current_stream().wait_stream(side)
-        next_tokens, probs = holder["next"], holder["probs"]
         if not self._may_resample:
             return graph.replay
-        # The decoder keeps this closure as its step, so a strong reference back to the decoder would be a cycle
-        # that holds the KV cache and the graph's memory pool until a garbage collection.
-        owner = weakref.ref(self)
-
-        def replay() -> None:
-            graph.replay()
-            # Outside the graph: an uncovered row is re-sampled before the token is committed.
-            owner()._finish_step(next_tokens, probs)
-
-        return replay
-
-    def close(self) -> None:
-        """Drop the captured step and its graph (the memory pool goes with them). The engine closes a decoder it lets
-        go of, so that memory returns when the engine says, whatever still refers to the decoder."""
-        self._step = None
+        return _replay_then_finish(self, graph.replay, holder["next"], holder["probs"])
 
     def _all_finished(self) -> bool:
         if self.stop_check is not None:
