@@ -17,7 +17,8 @@ Slurm job array (one shard per task; the merge runs once all tasks succeeded):
         "python scripts/generate_stage1_scale_data.py --count 15000 --num-shards 10 --shard-index \\$SLURM_ARRAY_TASK_ID --no-merge")
     sbatch --dependency=afterok:$JOB --wrap "python scripts/generate_stage1_scale_data.py --count 15000 --num-shards 10 --merge"
 
-torchrun / accelerate launch (rank r takes shards i with i % WORLD_SIZE == r on GPU LOCAL_RANK mod the GPU count; rank 0
+torchrun / accelerate launch (rank r takes shards i with i % WORLD_SIZE == r on GPU LOCAL_RANK mod the GPU count, ranks
+sharing a GPU each held to an even part of its memory; rank 0
 waits for the other ranks' shard manifests, then merges; ranks share nothing but files, so across
 nodes the output must be on a shared filesystem):
     torchrun --standalone --nproc-per-node 8 scripts/generate_stage1_scale_data.py --count 15000 --num-shards 10
@@ -109,7 +110,7 @@ def _shard_config(config, spec):
 
 
 def _run_shard(spec, config, overrides, args, pilot, signals, load_model, launch) -> None:
-    from utils.sharding import SHARD_MANIFEST, exclusive_lock, model_override, shard_status
+    from utils.sharding import SHARD_MANIFEST, exclusive_lock, gpu_memory_fraction, model_override, shard_status
     from utils.stage1_generation import GenerationJob, check_run_identity, generate_into_folder
 
     shard_config = _shard_config(config, spec)
@@ -131,7 +132,7 @@ def _run_shard(spec, config, overrides, args, pilot, signals, load_model, launch
             critic_signals=signals,
             manifest_extra={"overrides": {**overrides, **model_override(pilot.get("model_provenance"), loaded[2])},
                             "calibration": pilot.get("calibration"), "shard": spec.as_dict(), "base_seed": config.seed,
-                            "rank": dataclasses.asdict(launch)})
+                            "rank": {**dataclasses.asdict(launch), "gpu_memory_fraction": gpu_memory_fraction(loaded[0])}})
         result = generate_into_folder(job, loaded, args, batch_size=args.batch_size, show_progress=not args.no_progress,
                                       compile=args.compile)
         print(f"[scale] shard {spec.index}: {result['records']} pairs in {spec.data_path}", flush=True)
@@ -201,7 +202,16 @@ def _merge(args, specs, config, overrides, pilot, signals, held_out) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from utils.sharding import check_scale_output, launch_from_env, model_override, plan_shards, select_shards, shard_status, wait_for_shards
+    from utils.sharding import (
+        check_scale_output,
+        claim_gpu,
+        launch_from_env,
+        model_override,
+        plan_shards,
+        select_shards,
+        shard_status,
+        wait_for_shards,
+    )
 
     check_scale_output(args.output)
     pilot, config, overrides, signals = _gate(args)
@@ -221,18 +231,9 @@ def main(args: argparse.Namespace) -> int:
 
     def load_model():
         if not loaded:
-            import torch
-
             from utils.clean_model_loader import CleanModelLoader
 
-            device = "auto"
-            if launch.launched and torch.cuda.is_available():
-                # More ranks than GPUs share them round-robin (SCALE_RANKS=2 on one GPU). Each rank needs its own
-                # share of the memory: docs/measurements.md says what two bundled-model ranks on one H100 measured.
-                gpu = launch.local_rank % torch.cuda.device_count()
-                torch.cuda.set_device(gpu)
-                device = f"cuda:{gpu}"
-            loaded["model"] = CleanModelLoader(model_name, dtype=args.dtype, device=device,
+            loaded["model"] = CleanModelLoader(model_name, dtype=args.dtype, device=claim_gpu(launch),
                                                allow_instruct_model=args.allow_instruct_model).load()
             override = model_override(pilot.get("model_provenance"), loaded["model"][2])
             if override:

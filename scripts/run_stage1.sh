@@ -18,7 +18,10 @@
 # the Stage 1 adapter's own candidates, DPO, three-way evaluation) on the same profile and root.
 # Several GPUs: the scale stage runs one torchrun rank per visible GPU (at most one per shard; measured
 # 1.93x on 2 and 3.25x on 4, docs/scaling.md), training stays on one GPU (data parallelism was slower
-# for the bundled model). SCALE_RANKS=N overrides the number of scale processes (1: no torchrun; more than the GPUs share them).
+# for the bundled model). The bundled model runs two scale ranks per GPU of 40 GiB or more, each held to 47% of its
+# memory: one process left an H100 idle two thirds of the time, two took the stage from 354 to 206-214 s
+# (docs/measurements.md, "The whole gpu profile in 7.5 minutes").
+# SCALE_RANKS=N overrides the number of scale processes (1: no torchrun; more than the GPUs share them).
 # Learning rate: the bundled gemma-3-270m (no --model) trains at 5e-4 on the gpu profile, measured better
 # than the source's 2e-4 in two paired runs (docs/measurements.md, "Constraint variants"); any other model,
 # and the cpu profile, keep the source's 2e-4. LR=... sets it for any model.
@@ -47,7 +50,7 @@ while [ $# -gt 0 ]; do
         --root) root=$2 ;;
       esac
       shift 2 ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -86,7 +89,13 @@ case "$GRAPHS" in
 esac
 if [ -z "${SCALE_RANKS:-}" ]; then
   SCALE_RANKS=1
-  [ "$profile" = gpu ] && SCALE_RANKS=$(python -c "import torch; print(max(1, min(torch.cuda.device_count(), $SHARDS)))")
+  # Two bundled-model ranks per GPU where each GPU has room for two: at 47% of an H100 each, a shard's phases reserved
+  # at most 31.5 GiB, its responses 15.8 GiB (docs/measurements.md).
+  [ "$profile" = gpu ] && SCALE_RANKS=$(python -c "
+import torch
+gpus = torch.cuda.device_count()
+roomy = gpus and min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus)) >= 40 * 2**30
+print(max(1, min((2 if $bundled_on_gpu and roomy else 1) * gpus, $SHARDS)))")
 fi
 case "$SCALE_RANKS" in
   ''|*[!0-9]*|0) echo "SCALE_RANKS must be a whole number >= 1, got '$SCALE_RANKS'" >&2; exit 2 ;;

@@ -10,6 +10,7 @@ more than about 20 s on a 2-core CPU; `bash scripts/run_tests.sh -m "not slow"` 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,10 +111,11 @@ def tiny_nobos_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory):
-    """The tiny model trained on pipeline formats (shared: building it takes seconds to a minute)."""
-    from tiny_models import build_trained_tiny_model
+    """The tiny model trained on pipeline formats, as stored in tests/fixtures (see tiny_models.TRAINED_FIXTURE),
+    copied so that no test can change the stored one."""
+    from tiny_models import TRAINED_FIXTURE
 
-    return build_trained_tiny_model(tmp_path_factory.mktemp("trained") / "tiny-trained")
+    return Path(shutil.copytree(TRAINED_FIXTURE, tmp_path_factory.mktemp("trained") / "tiny-trained"))
 
 
 @pytest.fixture(autouse=True)

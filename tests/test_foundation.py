@@ -435,3 +435,21 @@ def test_bundled_model_sentinels(monkeypatch):
     assert tokenizer.chat_template is None
     assert len(tokenizer.encode("Instruction", add_special_tokens=False)) == 1
     assert encode_prompt(tokenizer, "Instruction")[0] == tokenizer.bos_token_id
+
+
+def test_the_stored_trained_tiny_model_is_what_its_builder_makes(tmp_path):
+    """tests/fixtures/tiny-trained is build_trained_tiny_model's output (tiny_models.TRAINED_FIXTURE says why it is
+    stored): two steps of the builder give the same tokenizer, config and weight shapes."""
+    from safetensors import safe_open
+
+    from tiny_models import TRAINED_FIXTURE, build_trained_tiny_model
+
+    built = build_trained_tiny_model(tmp_path / "built", steps=2)
+    for name in ("tokenizer.json", "config.json", "tokenizer_config.json"):
+        assert (built / name).read_bytes() == (TRAINED_FIXTURE / name).read_bytes(), name
+
+    def shapes(folder):
+        with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+            return {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+
+    assert shapes(built) == shapes(TRAINED_FIXTURE)

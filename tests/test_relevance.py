@@ -89,12 +89,17 @@ def test_the_logit_budget_grows_with_the_memory_a_gpu_process_can_have_only(monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gib = 2**30
     quarter = 4 * BYTES_PER_LOGIT  # a quarter of the memory, in logits
-    # (driver's free, this process's reserved, its allocated): its own unused cache counts as free, its tensors do not.
-    for free, reserved, allocated, want in ((100 * gib, 0, 0, MAX_LOGIT_BUDGET), (8 * gib, 0, 0, 8 * gib // quarter),
-                                            (2 * gib, 6 * gib, 2 * gib, 6 * gib // quarter), (2 * gib, 6 * gib, 6 * gib, 2 * gib // quarter),
-                                            (2**20, 0, 0, LOGIT_BUDGET)):
+    # (driver's free, this process's reserved, its allocated, its memory fraction): its own unused cache counts as
+    # free, its tensors do not; under a fraction (a rank sharing its GPU) it can reserve only up to its part.
+    for free, reserved, allocated, fraction, want in (
+            (100 * gib, 0, 0, 1.0, MAX_LOGIT_BUDGET), (8 * gib, 0, 0, 1.0, 8 * gib // quarter),
+            (2 * gib, 6 * gib, 2 * gib, 1.0, 6 * gib // quarter), (2 * gib, 6 * gib, 6 * gib, 1.0, 2 * gib // quarter),
+            (2**20, 0, 0, 1.0, LOGIT_BUDGET),
+            (60 * gib, 30 * gib, 20 * gib, 0.4375, (5 * gib + 10 * gib) // quarter),  # part 35 GiB of 80: 5 more, 10 unused
+            (60 * gib, 40 * gib, 36 * gib, 0.4375, 4 * gib // quarter)):  # past its part: only its own unused cache
         assert LOGIT_BUDGET <= want <= MAX_LOGIT_BUDGET
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * gib))
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device, fraction=fraction: fraction)
         monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device, reserved=reserved: reserved)
         monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device, allocated=allocated: allocated)
         assert logit_budget(torch.device("cuda", 0)) == want

@@ -145,7 +145,9 @@ def test_the_probe_trusts_nothing_on_a_random_model(tiny_model_dir):
     assert summary["discriminating"] == []
 
 
-PINNED_TRAINED_AUCS = {"ab_margin": 0.5718, "ab_margin_direct": 0.4954, "relevance": 0.6273, "relevance_total": 0.6968}
+# Measured on the stored trained tiny model (tiny_models.TRAINED_FIXTURE) on 2026-11-28; the same to four places under
+# PyTorch's avx2, avx512 and default kernels.
+PINNED_TRAINED_AUCS = {"ab_margin": 0.6343, "ab_margin_direct": 0.5347, "relevance": 0.6227, "relevance_total": 0.7546}
 
 
 def test_measure_signals_writes_the_probe_and_reads_it_back(trained_model_dir, tmp_path, monkeypatch):

@@ -102,6 +102,39 @@ def test_rank_split():
         select_shards(4, [4])
     with pytest.raises(BadInputError):
         launch_from_env({"RANK": "3", "WORLD_SIZE": "2"})
+    assert launch_from_env({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}).local_world_size == 4
+    with pytest.raises(BadInputError, match="LOCAL_RANK 4 is not within LOCAL_WORLD_SIZE 4"):
+        launch_from_env({"RANK": "4", "WORLD_SIZE": "8", "LOCAL_RANK": "4", "LOCAL_WORLD_SIZE": "4"})
+
+
+def test_ranks_sharing_a_gpu_split_its_memory_evenly():
+    from utils.sharding import SHARED_GPU_MEMORY, gpu_share
+
+    assert [gpu_share(rank, 4, 4) for rank in range(4)] == [(0, 1.0), (1, 1.0), (2, 1.0), (3, 1.0)]
+    assert [gpu_share(rank, 2, 1) for rank in range(2)] == [(0, SHARED_GPU_MEMORY / 2)] * 2
+    # 5 ranks on 2 GPUs: GPU 0 takes ranks 0, 2, 4 and GPU 1 ranks 1, 3.
+    assert [gpu_share(rank, 5, 2) for rank in range(5)] == [(0, SHARED_GPU_MEMORY / 3), (1, SHARED_GPU_MEMORY / 2)] * 2 + [
+        (0, SHARED_GPU_MEMORY / 3)]
+    assert gpu_share(0, 1, 8) == (0, 1.0)
+
+
+def test_a_rank_sharing_its_gpu_holds_its_allocator_to_its_part(monkeypatch, capsys):
+    import torch
+
+    from utils.sharding import SHARED_GPU_MEMORY, Launch, claim_gpu
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda gpu: calls.append(("device", gpu)))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda part, gpu: calls.append(("part", part, gpu)))
+    assert claim_gpu(Launch()) == "auto" and calls == []  # not launched: the loader places the model
+    assert claim_gpu(Launch(1, 2, 1, True, 2)) == "cuda:0"
+    assert calls == [("device", 0), ("part", SHARED_GPU_MEMORY / 2, 0)]
+    assert "GPU 0 is shared; this rank holds at most 47% of its memory" in capsys.readouterr().out
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert claim_gpu(Launch(1, 2, 1, True, 2)) == "cuda:1" and calls == [("device", 1)]  # a GPU of its own: no cap
 
 
 def test_merge_records_first_wins_and_truncates():
@@ -441,6 +474,7 @@ def test_torchrun_two_cpu_ranks_split_shards_and_merge_once(pilot_manifest, tmp_
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = [json.loads((tmp_path / "data_shards" / f"shard_{i:03d}" / "shard_manifest.json").read_text())["rank"] for i in range(3)]
     assert [(r["rank"], r["world_size"], r["launched"]) for r in ranks] == [(0, 2, True), (1, 2, True), (0, 2, True)]
+    assert [(r["local_world_size"], r["gpu_memory_fraction"]) for r in ranks] == [(2, None)] * 3  # CPU ranks: no GPU to share
     assert result.stdout.count("[scale] merged 3 shards") == 1 and "rank 1: my shards are done" in result.stdout
     manifest = require_upstream_manifest(output.with_name("data.manifest.json"), "train", expected_data=output)
     assert [s["count"] for s in manifest["shards"]] == [2, 1, 1] and manifest["overrides"] == {}
@@ -475,7 +509,12 @@ def test_constraint_variants_end_to_end(pilot_manifest, tmp_path):
     manifest = json.loads(output.with_name("data.manifest.json").read_text())
     pairs = [r for r in records if base_pair_id(r["id"]) == r["id"]]
     variants = [r for r in records if base_pair_id(r["id"]) != r["id"]]
-    assert manifest["pairs"] == len(pairs) == 4 and manifest["records"] == len(records)
+    # --count counts pairs, not variants: 4 asked, less the pairs the merge removed as duplicates across shards.
+    dedup = manifest["dedup"]
+    removed_pairs = dedup["exact_removed"] + dedup["near_removed"] + dedup["held_out_overlaps_removed"]
+    assert manifest["pairs"] == len(pairs) == 4 - removed_pairs >= 2 and manifest["records"] == len(records)
+    removed = {r["id"] for r in dedup["removed"] if r["kind"] != "variant_of_removed"}
+    assert {r["duplicate_of"] for r in dedup["removed"] if r["kind"] == "variant_of_removed"} <= removed  # variants go with their pair
     assert manifest["overrides"]["constraint_variants"] == {"from": 0, "to": 2} and variants
     assert f"{len(pairs)} pairs and {len(variants)} relabeled variants" in out
     by_id = {r["id"]: r for r in records}

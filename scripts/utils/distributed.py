@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 
 from .exit_codes import EXIT_FAILURE, BadInputError, Stage1Error
@@ -184,7 +184,7 @@ def training_launch(environ=None) -> TrainingLaunch:
     env = os.environ if environ is None else environ
     launch = launch_from_env(env)
     fsdp = str(env.get("ACCELERATE_USE_FSDP", "false")).lower() in ("1", "true", "yes")
-    return TrainingLaunch(launch.rank, launch.world_size, launch.local_rank, launch.launched, fsdp)
+    return TrainingLaunch(**asdict(launch), fsdp=fsdp)
 
 
 @dataclass(frozen=True)

@@ -46,15 +46,18 @@ def logit_budget(device) -> int:
     """Logits per relevance forward pass: LOGIT_BUDGET, or on a GPU what a quarter of the memory this process can have
     holds (at most MAX_LOGIT_BUDGET). With a 262k vocabulary LOGIT_BUDGET alone cuts a batch of 30-token answers to 16
     rows: on an H100 the pilot's response scoring took 42.0 s under it and 11.8 s under this budget (docs/measurements.md).
-    The memory this process can have is the device's free memory plus what its own allocator holds unused: the driver
+    The memory this process can have is the device's free memory, no more than its allocator may still reserve under
+    a per-process memory fraction (a scale rank sharing its GPU), plus what its own allocator holds unused: the driver
     counts that cache as taken, and a scale shard's response generation reserved 28-29 GiB of an H100."""
     import torch
 
     if getattr(device, "type", None) != "cuda" or not torch.cuda.is_available():
         return LOGIT_BUDGET
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return max(LOGIT_BUDGET, min(free // 4 // BYTES_PER_LOGIT, MAX_LOGIT_BUDGET))
+    free, total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    allowed = int(torch.cuda.get_per_process_memory_fraction(device) * total)
+    available = min(free, max(0, allowed - reserved)) + reserved - torch.cuda.memory_allocated(device)
+    return max(LOGIT_BUDGET, min(available // 4 // BYTES_PER_LOGIT, MAX_LOGIT_BUDGET))
 
 
 def _hand_back_cached_memory(device) -> None:

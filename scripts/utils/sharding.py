@@ -10,6 +10,8 @@ for (`sft_data.jsonl`, `phase4_judged.jsonl`) still have the recorded sha256.
 
 Rank split (torchrun / accelerate launch set RANK, WORLD_SIZE, LOCAL_RANK): rank r takes shard i
 when i % WORLD_SIZE == r; with explicit shard indices, rank r takes the r-th, (r+W)-th, ... of them.
+On a GPU host local rank l takes GPU l % (visible GPUs) (`gpu_share`); ranks beyond the GPU count share
+them, each held to an even part of the card's memory (SHARED_GPU_MEMORY, split between the ranks on it).
 
 Merge: shards in index order, records in id order; an instruction that is an exact or near
 duplicate (NearDuplicateIndex, the pilot's threshold) of one already kept is removed (first one
@@ -45,10 +47,14 @@ from .stage1_generation import PHASE_FILES, SFT_DATA_FILE, check_output_path, de
 
 __all__ = ["SHARD_SEED_STRIDE", "SHARD_MANIFEST", "ShardSpec", "Launch", "shard_seed", "shards_root", "plan_shards",
            "launch_from_env", "select_shards", "shard_status", "exclusive_lock", "wait_for_shards", "merge_records",
-           "sum_phase_counts", "merge_shards", "merged_manifest_path", "check_scale_output", "model_override"]
+           "sum_phase_counts", "merge_shards", "merged_manifest_path", "check_scale_output", "model_override", "gpu_share",
+           "claim_gpu", "gpu_memory_fraction", "SHARED_GPU_MEMORY"]
 
 SHARD_SEED_STRIDE = 1000
 SHARD_MANIFEST = "shard_manifest.json"
+# The part of a shared GPU's memory its ranks' allocators may hold together; the rest is for each process's CUDA
+# context, which the allocator does not count (about 0.5 GiB each).
+SHARED_GPU_MEMORY = 0.94
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class Launch:
     world_size: int = 1
     local_rank: int = 0
     launched: bool = False
+    local_world_size: int = 1
 
 
 def shard_seed(base_seed: int, index: int) -> int:
@@ -143,11 +150,54 @@ def launch_from_env(environ=None) -> Launch:
     try:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", rank))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
     except ValueError:
-        raise BadInputError(f"RANK/WORLD_SIZE/LOCAL_RANK are not integers: {env.get('RANK')!r}/{env.get('WORLD_SIZE')!r}") from None
+        raise BadInputError(f"RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE are not integers: {env.get('RANK')!r}/"
+                            f"{env.get('WORLD_SIZE')!r}/{env.get('LOCAL_RANK')!r}/{env.get('LOCAL_WORLD_SIZE')!r}") from None
     if world < 1 or not 0 <= rank < world:
         raise BadInputError(f"RANK {rank} is not within WORLD_SIZE {world}")
-    return Launch(rank, world, local, True)
+    if not 0 <= local < local_world:
+        raise BadInputError(f"LOCAL_RANK {local} is not within LOCAL_WORLD_SIZE {local_world}")
+    return Launch(rank, world, local, True, local_world)
+
+
+def gpu_share(local_rank: int, local_world_size: int, device_count: int) -> tuple[int, float]:
+    """This rank's GPU (local ranks take the visible GPUs round-robin) and the fraction of its memory this rank may
+    hold: all of it when the rank has the GPU to itself, else an even part of SHARED_GPU_MEMORY. Held to that part,
+    a rank that needs more frees its own cache or halves its own batch; unheld, it took the memory another rank on
+    the card then ran out of (docs/measurements.md, "Two scale ranks on one GPU")."""
+    if device_count < 1:
+        raise ValueError("gpu_share needs at least one GPU")
+    gpu = local_rank % device_count
+    sharing = len(range(gpu, local_world_size, device_count))
+    return gpu, 1.0 if sharing <= 1 else SHARED_GPU_MEMORY / sharing
+
+
+def claim_gpu(launch: Launch) -> str:
+    """The device a scale rank loads its model on: "auto" unless launched on a GPU host, else its GPU (`gpu_share`),
+    made the current device and, where ranks share it, with this process's allocator held to its part."""
+    import torch
+
+    if not launch.launched or not torch.cuda.is_available():
+        return "auto"
+    gpu, memory_fraction = gpu_share(launch.local_rank, launch.local_world_size, torch.cuda.device_count())
+    torch.cuda.set_device(gpu)
+    if memory_fraction < 1.0:
+        torch.cuda.set_per_process_memory_fraction(memory_fraction, gpu)
+        print(f"[scale] rank {launch.rank}: GPU {gpu} is shared; this rank holds at most {memory_fraction:.0%} of its memory",
+              flush=True)
+    return f"cuda:{gpu}"
+
+
+def gpu_memory_fraction(model) -> float | None:
+    """The part of its GPU's memory the process holding `model` may take (below 1 where scale ranks share the GPU);
+    None off a GPU. Shard manifests record it."""
+    device = getattr(model, "device", None)
+    if getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+
+    return round(torch.cuda.get_per_process_memory_fraction(device), 4)
 
 
 def select_shards(num_shards: int, requested: list[int] | None, rank: int = 0, world_size: int = 1) -> list[int]:
