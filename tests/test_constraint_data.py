@@ -1,6 +1,7 @@
 """Constraint data in Stage 1: accepted pairs relabeled with trained-family constraints, correct by
 construction and checked again, chosen deterministically by seed and id."""
 
+import json
 import random
 from types import SimpleNamespace
 
@@ -96,13 +97,16 @@ def test_constraint_summary_recomputes_the_checker_pass_rate():
     records = [{"id": "a", "response": "all lower here.", "constraints": [lower], "constraint_mode": "rewritten"},
                {"id": "b", "response": "Not Lower.", "constraints": [lower], "constraint_mode": "measured"},  # edited by hand
                {"id": "c", "response": "x", "constraints": [{"family": "nope"}], "constraint_mode": "measured"},  # unreadable
-               {"id": "d", "response": "plain", "constraints": [], "constraint_mode": None}]
+               {"id": "d", "response": "plain", "constraints": [], "constraint_mode": None},
+               {"id": "e", "response": "all lower.", "constraints": [lower], "constraint_mode": None}]  # constrained by hand
     summary = constraint_summary(records)
     assert summary["catalogue_version"] == CATALOGUE_VERSION
-    assert (summary["constrained"], summary["records"], summary["constrained_fraction"]) == (3, 4, 0.75)
-    assert summary["checker_pass_rate"] == pytest.approx(1 / 3) and summary["failed_ids"] == ["b", "c"]
-    assert summary["per_family"] == {"lowercase": 2, "nope": 1}
-    assert constraint_summary(records[3:])["checker_pass_rate"] is None
+    assert (summary["constrained"], summary["records"], summary["constrained_fraction"]) == (4, 5, 0.8)
+    assert summary["checker_pass_rate"] == pytest.approx(2 / 4) and summary["failed_ids"] == ["b", "c"]
+    assert summary["per_family"] == {"lowercase": 3, "nope": 1}
+    assert summary["modes"] == {"measured": 2, "rewritten": 1, "unrecorded": 1}
+    json.dumps(summary, sort_keys=True)  # as the manifest writes it
+    assert constraint_summary(records[3:4])["checker_pass_rate"] is None
 
 
 class _Appender(list):

@@ -391,7 +391,7 @@ def test_a_killed_run_resumes_without_duplicates(stage1, finished, tmp_path):
     assert [p["margin"] for p in resumed_pairs] == pytest.approx([p["margin"] for p in original], rel=1e-3, abs=1e-3)
 
 
-def test_a_sigkilled_run_resumes(stage1, tmp_path):
+def test_a_sigkilled_run_resumes(stage1, finished, tmp_path):
     out = tmp_path / "stage2"
     command = [sys.executable, str(SCRIPT), "--stage1-evaluation", str(stage1["evaluation"]), "--output", str(out), *map(str, TINY)]
     proc = subprocess.Popen(command, cwd=ROOT, env=script_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
@@ -409,3 +409,34 @@ def test_a_sigkilled_run_resumes(stage1, tmp_path):
         ids = _ids(out / name)
         assert len(ids) == len(set(ids)), name
     assert len({r["instruction_id"] for r in read_jsonl_lines(out / "phase4_scored_responses.jsonl")}) == 4
+    # Wherever the kill fell (between batches or inside one), each candidate was sampled from its own seed: the
+    # resumed run wrote the uninterrupted run's candidates, and so its pairs.
+    responses = {folder: {r["id"]: r["raw_response"] for r in read_jsonl_lines(folder / "phase4_responses.jsonl")}
+                 for folder in (out, finished["out"])}
+    assert responses[out] == responses[finished["out"]]
+    resumed_pairs, original = (read_jsonl_lines(folder / "preference_pairs.jsonl") for folder in (out, finished["out"]))
+    assert [(p["id"], p["chosen"], p["rejected"]) for p in resumed_pairs] == [(p["id"], p["chosen"], p["rejected"]) for p in original]
+
+
+def test_a_run_killed_inside_a_response_batch_writes_what_the_unbroken_run_wrote(stage1, finished, tmp_path):
+    """A crash after the first candidate of a batch (of 8) was written: the rerun batches the candidates left from
+    another first record, and each is sampled from its own seed, so it writes the unbroken run's candidates."""
+    import shutil
+
+    from utils.preference_pairs import PHASE_FILES
+
+    out = tmp_path / "stage2"
+    shutil.copytree(finished["out"], out)
+    lines = (out / PHASE_FILES["responses"]).read_text().splitlines(keepends=True)
+    (out / PHASE_FILES["responses"]).write_text(lines[0] + lines[1][: len(lines[1]) // 2])
+    for name in ("scored", "corrupted_responses", "corrupted_scored", "pairs"):
+        (out / PHASE_FILES[name]).unlink()
+    (out / "session_manifest.json").unlink()
+    (out / "preference_pairs.jsonl").unlink()
+    resumed = run_stage2(["--stage1-evaluation", stage1["evaluation"], "--output", out, *TINY], timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    responses = {folder: {r["id"]: r["raw_response"] for r in read_jsonl_lines(folder / PHASE_FILES["responses"])}
+                 for folder in (out, finished["out"])}
+    assert len(responses[out]) == len(lines) == 12 and responses[out] == responses[finished["out"]]
+    resumed_pairs, original = (read_jsonl_lines(folder / "preference_pairs.jsonl") for folder in (out, finished["out"]))
+    assert [(p["id"], p["chosen"], p["rejected"]) for p in resumed_pairs] == [(p["id"], p["chosen"], p["rejected"]) for p in original]

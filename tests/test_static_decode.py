@@ -234,6 +234,27 @@ def test_engine_static_loop_matches_generate_with_stop_strings(trained_model_dir
     assert all(decoder.width % 16 == 0 for decoder in engine._decoders.values())
 
 
+def test_the_engine_samples_a_record_the_same_way_in_any_batch(trained_model_dir):
+    # What a resumed run or an out-of-memory retry does: the records left are batched from another first record.
+    from utils.clean_model_loader import CleanModelLoader
+    from utils.completion_prompts import CompletionStylePrompts as P
+    from utils.generation import GenerationEngine, SamplingParams
+
+    model, tokenizer, _ = CleanModelLoader(str(trained_model_dir), run_sentinels=False).load()
+    items = [(f"k{i}", P.create_response_prompt(text)) for i, text in enumerate(
+        ["Name three facts about the moon.", "Give a tip.", "Explain rain to a child.", "List colours.", "Describe a cat.", "Say hi."])]
+    params = SamplingParams(1.0, 0.9, 1.1, 24)
+
+    def run(records, batch_size, seed=3):
+        engine = GenerationEngine(model, tokenizer, batch_size=batch_size, seed=seed, show_progress=False, decode_loop="static")
+        return {r.key: r.token_ids for r in engine.generate(records, params)}
+
+    whole = run(items, 4)
+    assert run(items[2:], 4) == {key: whole[key] for key, _ in items[2:]}
+    assert run(items, 1) == whole
+    assert run(items, 4, seed=4) != whole
+
+
 def test_engine_drops_its_kept_decoders_when_the_model_changes(trained_model_dir):
     # The evaluation generates with the base model, then sets engine.model to base + adapter: the
     # second model must not decode through the first one's kept decoder (on a GPU: its graph).
@@ -456,3 +477,38 @@ def test_a_decoder_with_a_tail_reused_across_batches_samples_what_fresh_ones_sam
     got = [decode(reused, batches[0], 1), decode(reused, batches[1], 2)]
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     assert reused.compacted_batches == 2 and list(reused._tails) == [8]
+
+
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_a_seeded_row_samples_the_same_tokens_in_any_batch(top_p):
+    # A resumed run's batches start at other records, and an out-of-memory retry halves them: a row's tokens
+    # must follow from its prompt and its seed alone, not from its companions, its place or the padding.
+    model = _random_model("gemma3", "sdpa")
+    generator = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, VOCAB, (length,), generator=generator).tolist() for length in (9, 9, 6, 9, 12)]
+    settings = dict(temperature=1.0, top_p=top_p, repetition_penalty=1.2)
+
+    def decode(rows):
+        width = max(len(prompts[row]) for row in rows)
+        ids = torch.tensor([[0] * (width - len(prompts[row])) + prompts[row] for row in rows])
+        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(prompts[row]) for row in rows])[:, None]).long()
+        decoder = StaticDecoder(model, len(rows), width, 20, 0, set(), **settings)
+        return dict(zip(rows, decoder.decode(ids, mask, row_seeds=[100 + row for row in rows]).tolist(), strict=True))
+
+    first, second = decode([0, 1, 2, 3]), decode([3, 4, 0])  # other companions, places and widths
+    assert first[0] == second[0] and first[3] == second[3]
+    assert first[0] != first[1], "two seeds drew the same 20 tokens: the test would not see a shared generator"
+    assert decode([0, 1, 2, 3]) == first
+
+
+def test_sampled_rows_that_finish_in_a_smaller_decoder_keep_their_tokens(monkeypatch):
+    monkeypatch.setattr(StaticDecoder, "_capture", lambda self: self._eager_step)
+    model = _random_model("llama", "sdpa")
+    ids = torch.randint(3, VOCAB, (32, 9), generator=torch.Generator().manual_seed(4))
+    settings = dict(temperature=1.0, top_p=0.9, repetition_penalty=1.2)
+    outputs = {}
+    for compact in (False, True):
+        decoder = StaticDecoder(model, 32, 9, 40, 0, set(), compact_rows=compact, use_cuda_graph=True, **settings)
+        outputs[compact] = decoder.decode(ids, torch.ones_like(ids), stop_check=_finish_all_but({2, 5, 30})[0], row_seeds=list(range(32)))
+        assert decoder.compacted_batches == int(compact)
+    assert torch.equal(outputs[True], outputs[False])

@@ -230,7 +230,9 @@ def constraint_summary(records: list[dict]) -> dict:
         "failed_ids": failed[:20],
         "per_family": dict(sorted(Counter(c["family"] for r in constrained for c in r["constraints"]
                                           if isinstance(c, dict) and "family" in c).items())),
-        "modes": dict(sorted(Counter(r.get("constraint_mode") for r in constrained).items(), key=lambda kv: str(kv[0]))),
+        # A record constrained by hand has no mode: a key of its own, since a None key among strings stops the
+        # manifest's sorted JSON.
+        "modes": dict(sorted(Counter(r.get("constraint_mode") or "unrecorded" for r in constrained).items())),
         "constraints_per_record": dict(sorted(Counter(len(r["constraints"]) for r in constrained).items())),
     }
 

@@ -4,7 +4,10 @@ seeded sampling, a progress bar, and recovery from out-of-memory by halving the 
 Decoding runs through `static_decode.StaticDecoder` (static cache, one CUDA graph per step on a
 GPU) wherever `supports_static_decode` holds, and through `model.generate` otherwise or with
 `decode_loop="generate"`; both give the same greedy tokens and the same sampling distribution.
-A stop string is matched in the generated text only, never across the prompt's end.
+A stop string is matched in the generated text only, never across the prompt's end. On the static
+loop each record samples from a seed of its own (the engine's seed and its key), so it draws the same
+tokens whatever batch it lands in: a resumed run, or one whose batches an out-of-memory error halved,
+writes what an uninterrupted run writes (`generate` seeds a whole batch by its first key instead).
 
 On a GPU the engine keeps its last decoders (buffers, cache, captured graph) and left-pads each
 batch to a multiple of `width_multiple` tokens, so batches sorted by length mostly share a shape and
@@ -138,9 +141,9 @@ def check_prompts_fit(encoded: Sequence[tuple[str, list[int]]], max_new_tokens: 
                                 "shorten that record or lower max_new_tokens")
 
 
-def _batch_seed(seed: int, first_key: str) -> int:
-    # Seeded by content, not by position, so a resumed run samples a batch the same way.
-    return int.from_bytes(hashlib.sha256(f"{seed}:{first_key}".encode()).digest()[:4], "little")
+def _key_seed(seed: int, key: str, size: int = 4) -> int:
+    # Seeded by content, not by position: a record's seed is the same in every run with this seed.
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:size], "little")
 
 
 class GenerationEngine:
@@ -250,11 +253,15 @@ class GenerationEngine:
             if supports_static_decode(self.model, padded + params.max_new_tokens):
                 width = padded
             input_ids, attention = prefix_layout(sequences, prefix, pad_id, width)
-            torch.manual_seed(_batch_seed(self.seed, batch[0][0]))
-            new_tokens = self._static_decode(input_ids.to(device), attention.to(device), params, stop_strings, prefix).tolist()
+            # A seed per record: it samples the same tokens in whatever batch it lands (a resumed run's
+            # batches start at other records; an out-of-memory retry halves them).
+            row_seeds = [_key_seed(self.seed, key, size=8) for key, _ in batch]
+            new_tokens = self._static_decode(input_ids.to(device), attention.to(device), params, stop_strings, prefix, row_seeds).tolist()
             return [self._finish(key, tokens, params, stop_strings) for (key, _), tokens in zip(batch, new_tokens, strict=True)]
         input_ids, attention = left_pad(sequences, pad_id, width)
-        torch.manual_seed(_batch_seed(self.seed, batch[0][0]))
+        # generate draws for the whole batch from one generator: the same batch samples the same way, but a
+        # record sampled in another batch (after a resume or an out-of-memory retry) draws other tokens.
+        torch.manual_seed(_key_seed(self.seed, batch[0][0]))
         kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad_id,
                       eos_token_id=self.tokenizer.eos_token_id, repetition_penalty=params.repetition_penalty)
         if params.greedy:
@@ -281,7 +288,8 @@ class GenerationEngine:
         enders = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} | self.tokenizer.stage1_guard["forbidden_ids"]
         return {tok for tok in enders if tok is not None}
 
-    def _static_decode(self, input_ids, attention, params: SamplingParams, stop_strings: list[str], prefix: int = 0):
+    def _static_decode(self, input_ids, attention, params: SamplingParams, stop_strings: list[str], prefix: int = 0,
+                       row_seeds: list[int] | None = None):
         enders = self._enders()
         window = 8
 
@@ -308,7 +316,7 @@ class GenerationEngine:
                                     check_every=window, use_cuda_graph=self.cuda_graph and input_ids.device.type == "cuda",
                                     compile_forward=self.compile, prefix_length=prefix, group_copies=self.share_prefix)
         self._decoders[key] = decoder  # most recently used last
-        tokens = decoder.decode(input_ids, attention, stop_check=stopped_rows if stop_strings else None)
+        tokens = decoder.decode(input_ids, attention, stop_check=stopped_rows if stop_strings else None, row_seeds=row_seeds)
         computed, unshared = decoder.last_prefill_tokens
         self.prefill_tokens += computed
         self.prefix_tokens_saved += unshared - computed

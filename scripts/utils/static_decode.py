@@ -8,9 +8,14 @@ step (forward, penalty, temperature, top-p, sampling, bookkeeping) is captured o
 Semantics follow `generate` with `RepetitionPenaltyLogitsProcessor` -> `TemperatureLogitsWarper` ->
 `TopPLogitsWarper` -> multinomial, in that order, float32 scores, EOS rows padded afterwards:
 greedy output is the same token for token, and sampling draws from the same distribution (the
-random numbers differ). Top-p looks at the `TOP_P_CANDIDATES` most probable tokens only; a row whose
-nucleus is larger is re-sampled from its `TOP_P_WIDE_CANDIDATES` most probable tokens, or, where even
-those hold less than top_p of the mass, from the fully sorted distribution, so nothing is approximated.
+random numbers differ). Each row's random numbers come from a generator of its own (`decode(row_seeds=...)`,
+all drawn when the batch loads), and each token is picked by the inverse CDF at one of them: a row samples
+the same tokens whatever batch it is in, wherever in it, and in whatever decoder, so a resumed run whose
+batches start at other records writes what the uninterrupted run wrote.
+
+Top-p looks at the `TOP_P_CANDIDATES` most probable tokens only; a row whose nucleus is larger is
+re-sampled from its `TOP_P_WIDE_CANDIDATES` most probable tokens, or, where even those hold less than
+top_p of the mass, from the fully sorted distribution, so nothing is approximated.
 Under `compile_forward` the sampled step draws by rejection instead (`nucleus_rejection_sample`: a few
 draws from the whole distribution, the first inside the nucleus kept), compiled together with the penalty,
 the temperature and the softmax, with neither a top-k nor a sort nor a host check per step. A row whose
@@ -41,9 +46,8 @@ to every copy; columns that are padding in every row are not computed at all (de
 Rows finish at different steps (answers of 10 to 256 tokens in one batch), and a step costs about the
 same whether 256 rows are live or 3. So once at most a quarter of the rows are live, they move into a
 decoder a quarter the size (`compact_rows`; its own cache and graph, kept for the next batch) and go on
-there, and so on down to `MIN_TAIL_BATCH` rows. Greedy tokens do not change; sampled rows draw other
-random numbers from the same distribution. Not under `compile_forward`, where each new batch size
-would compile the step again.
+there, and so on down to `MIN_TAIL_BATCH` rows, their random numbers with them, so no token changes. Not
+under `compile_forward`, where each new batch size would compile the step again.
 
 On the CPU the same loop runs eagerly. `supports_static_decode` says when the loop applies; the
 engine falls back to `generate` otherwise.
@@ -230,23 +234,28 @@ def nucleus_keep_mask(sorted_probs_desc, top_p: float):
     return keep
 
 
-def _nucleus_sample(probs, candidates: int, top_p: float):
+def _nucleus_sample(probs, candidates: int, top_p: float, uniforms):
     """(a token per row drawn from its top-p nucleus among its `candidates` most probable tokens, whether
-    those candidates hold less than top_p of the mass). A covered row's draw is exact: every token
-    outside its candidates then has at least top_p above it and is dropped by top-p as well."""
+    those candidates hold less than top_p of the mass), by the inverse CDF at each row's uniform. A covered
+    row's draw is exact: every token outside its candidates then has at least top_p above it and is dropped
+    by top-p as well."""
     import torch
 
     top_probs, top_ids = torch.topk(probs, candidates, dim=-1)
-    choice = _exponential_race(top_probs * nucleus_keep_mask(top_probs, top_p))
+    choice = _inverse_cdf_pick(top_probs * nucleus_keep_mask(top_probs, top_p), uniforms)
     return top_ids.gather(1, choice[:, None]).squeeze(1), top_probs.sum(dim=-1) < top_p
 
 
-def _exponential_race(probs):
-    # argmax(p / E) with E ~ Exp(1) draws index i with probability p_i / sum(p): exact, and unlike
-    # multinomial it is a fixed sequence of kernels that a CUDA graph can hold.
+def _inverse_cdf_pick(weights, uniforms):
+    """One index per row, index i with probability weights_i / the row's sum, by the inverse CDF at the row's
+    uniform in [0, 1) (float64 sums). Unlike multinomial it is a fixed sequence of kernels that a CUDA graph
+    can hold, and its randomness is the caller's: one number per row."""
     import torch
 
-    return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+    cdf = weights.cumsum(dim=-1, dtype=torch.float64)
+    target = uniforms.to(torch.float64)[:, None] * cdf[:, -1:]
+    # right=True: an index of weight 0 is never picked (the CDF does not rise there).
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=weights.shape[-1] - 1)
 
 
 def rejection_draws(top_p: float) -> int:
@@ -430,6 +439,8 @@ class StaticDecoder:
         self.step_index = zeros(1, dtype=torch.long)
         self.uncovered = zeros(batch, dtype=torch.bool)
         self.draws = rejection_draws(top_p) if temperature > 0 else 0
+        # Every random number a sampled batch uses: (row, step, draw), filled when the batch loads.
+        self.row_uniforms = None if self.greedy else zeros(batch, max_new_tokens, max(self.draws, 1), dtype=torch.float64)
         # Rows of the last batch whose rejection draws all missed (each then took its most probable token).
         self.sampling_misses = zeros(1, dtype=torch.long)
         self.last_sampling_misses = 0
@@ -444,7 +455,7 @@ class StaticDecoder:
         # (a rolled cache has no fixed column for a key, and so no fixed place for its position).
         self.cache.layers = [StaticLayer(max_cache_len=self.length) if layer.is_sliding else layer for layer in self.cache.layers]
 
-    def _load(self, input_ids, attention_mask) -> None:
+    def _load(self, input_ids, attention_mask, row_seeds=None) -> None:
         """Put a new batch into the static buffers, in place (a captured graph keeps their addresses)."""
         if tuple(input_ids.shape) != (self.batch, self.width):
             raise ValueError(f"this decoder serves batches of shape {(self.batch, self.width)}, got {tuple(input_ids.shape)}")
@@ -470,6 +481,27 @@ class StaticDecoder:
         self.sampling_misses.zero_()
         self.cache.reset()  # keys and values zeroed, lengths back to 0, same tensors
         self._prefill_positions = positions.masked_fill(attention_mask == 0, 1)
+        self._draw_row_uniforms(row_seeds)
+
+    def _draw_row_uniforms(self, row_seeds) -> None:
+        """Each row's random numbers for the whole batch, from a generator seeded by its own seed (from the
+        global generator where `row_seeds` is None): what a row samples then depends on its seed and its
+        prompt only, not on the other rows, its place, or the decoder it finishes in."""
+        if self.row_uniforms is None:
+            return
+        torch = self.torch
+        shape = tuple(self.row_uniforms.shape[1:])
+        if row_seeds is None:
+            self.row_uniforms.copy_(torch.rand((self.batch, *shape), dtype=torch.float64))
+            return
+        if len(row_seeds) != self.batch:
+            raise ValueError(f"row_seeds must give one seed per row ({self.batch}), got {len(row_seeds)}")
+        self.row_uniforms.copy_(torch.stack([torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+                                             for seed in row_seeds]))
+
+    def _step_uniforms(self):
+        """(batch, draws): the rows' random numbers for the token this step picks."""
+        return self.row_uniforms.index_select(1, self.step_index).squeeze(1)
 
     # -- one step ----------------------------------------------------------------------------
     def _mask(self, allowed):
@@ -501,8 +533,7 @@ class StaticDecoder:
         captured graph's own tensor."""
         torch = self.torch
         if self._samples_by_rejection:
-            # The random numbers are drawn outside the compiled function, where a captured graph replays them safely.
-            uniforms = torch.rand(self.batch, self.draws, device=self.device, dtype=torch.float64)
+            uniforms = self._step_uniforms()
             try:
                 next_tokens, probs, missed = _compiled_function(_draw_from_nucleus)(
                     logits, self.seen_ids, uniforms, self.repetition_penalty, self.temperature, self.top_p)
@@ -516,9 +547,10 @@ class StaticDecoder:
         if self.greedy:
             return scores.argmax(dim=-1), scores
         probs = torch.softmax(scores, dim=-1)
+        uniforms = self._step_uniforms()[:, :1]
         if self.top_p >= 1.0:
-            return _exponential_race(probs), probs
-        next_tokens, uncovered = _nucleus_sample(probs, self.candidates, self.top_p)
+            return inverse_cdf_draws(probs, uniforms).squeeze(1), probs
+        next_tokens, uncovered = _nucleus_sample(probs, self.candidates, self.top_p, uniforms.squeeze(1))
         self.uncovered.copy_(uncovered)
         return next_tokens, probs
 
@@ -528,11 +560,13 @@ class StaticDecoder:
         torch = self.torch
         rows = self.uncovered.nonzero().squeeze(1)
         row_probs = probs[rows]
-        tokens, uncovered = _nucleus_sample(row_probs, min(TOP_P_WIDE_CANDIDATES, row_probs.shape[-1]), self.top_p)
+        # The row's own uniform again: the first pick is discarded, so this draw alone decides, and exactly.
+        uniforms = self._step_uniforms()[rows, 0]
+        tokens, uncovered = _nucleus_sample(row_probs, min(TOP_P_WIDE_CANDIDATES, row_probs.shape[-1]), self.top_p, uniforms)
         if bool(uncovered.any()):
             flat = uncovered.nonzero().squeeze(1)
             sorted_probs, order = torch.sort(row_probs[flat], dim=-1, descending=True)
-            choice = _exponential_race(sorted_probs * nucleus_keep_mask(sorted_probs, self.top_p))
+            choice = _inverse_cdf_pick(sorted_probs * nucleus_keep_mask(sorted_probs, self.top_p), uniforms[flat])
             tokens[flat] = order.gather(1, choice[:, None]).squeeze(1)
         next_tokens[rows] = tokens
 
@@ -556,15 +590,17 @@ class StaticDecoder:
         return logits
 
     # -- the loop ----------------------------------------------------------------------------
-    def decode(self, input_ids, attention_mask, stop_check: Callable[[list[list[int]], list[int]], set[int]] | None = None):
+    def decode(self, input_ids, attention_mask, stop_check: Callable[[list[list[int]], list[int]], set[int]] | None = None,
+               row_seeds: list[int] | None = None):
         """Generate for one left-padded batch of this decoder's shape. `stop_check(tokens, rows)` is
-        asked every `check_every` steps which of the live rows have produced a stop string."""
+        asked every `check_every` steps which of the live rows have produced a stop string. `row_seeds`:
+        one seed per row for its random numbers (the global generator's where None)."""
         torch = self.torch
         config = self.model.config
         implementation = config._attn_implementation
         self.stop_check = stop_check
         with torch.no_grad():
-            self._load(input_ids, attention_mask)
+            self._load(input_ids, attention_mask, row_seeds)
             self._prefill()  # the model's own attention over the whole prompt
             config._attn_implementation = _register_decode_attention()
             try:
@@ -623,8 +659,9 @@ class StaticDecoder:
 
     def _take_rows(self, parent: StaticDecoder, rows, live: int) -> None:
         """Continue `parent`'s rows `rows` (the first `live` of them unfinished) from where they are."""
-        for name in ("valid", "seen_ids", "done", "out", "cur_token", "position", "key_position", "uncovered"):
-            getattr(self, name).copy_(getattr(parent, name)[rows])
+        for name in ("valid", "seen_ids", "done", "out", "cur_token", "position", "key_position", "uncovered", "row_uniforms"):
+            if getattr(self, name) is not None:
+                getattr(self, name).copy_(getattr(parent, name)[rows])
         self.done[live:] = True
         self.column.copy_(parent.column)
         self.step_index.copy_(parent.step_index)
@@ -761,14 +798,12 @@ class StaticDecoder:
 
     def _rehearse_and_capture(self):
         """Capture the step after one rehearsal step (lazy kernels, cuBLAS workspaces, compilation),
-        then rewind the state and the random generator to before the rehearsal, so a batch consumes
-        the same random numbers whether its decoder is new or reused. Returns None where capture
-        fails; the rehearsal then stands as the batch's first decode step."""
-        torch = self.torch
+        then rewind the state to before the rehearsal (the step index with it, so the batch's random
+        numbers are used from the same place whether its decoder is new or reused). Returns None where
+        capture fails; the rehearsal then stands as the batch's first decode step."""
         buffers = [self.valid, self.seen_ids, self.done, self.out, self.cur_token, self.position, self.column,
                    self.step_index] + [layer.cumulative_length for layer in self.cache.layers]
         saved = [buffer.clone() for buffer in buffers]
-        rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
         self._warm_up_step()
         try:
             step = self._capture()
@@ -779,10 +814,6 @@ class StaticDecoder:
             return None
         for buffer, value in zip(buffers, saved, strict=True):
             buffer.copy_(value)  # the key/value slot the rehearsal wrote is rewritten by the real step
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng, self.device)
-        else:
-            torch.set_rng_state(rng)
         return step
 
     def _capture(self):
