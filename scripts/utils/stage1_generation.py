@@ -719,7 +719,7 @@ def _phase3(engine: GenerationEngine, tokenizer, files: dict, keys: list[str], c
             finish_reason=result.finish_reason, n_generated_tokens=result.n_generated_tokens,
             n_response_tokens=n_response_tokens, prompt_version=template).to_dict())
 
-    # Sampling is seeded per batch by its first key, so candidates of one instruction differ.
+    # Each candidate is sampled from its own key's seed, so the candidates of one instruction differ.
     engine.generate(todo, config.response, CompletionStylePrompts.response_stop_strings(template), on_result=save,
                     description="phase 3 responses")
 
