@@ -103,6 +103,21 @@ def test_sampled_first_tokens_follow_the_generate_distribution(candidates, wide,
     assert p_value > 1e-3
 
 
+def test_rows_with_seeds_of_their_own_sample_the_whole_distribution_at_top_p_1():
+    # top_p 1 picks by the inverse CDF over the whole vocabulary, at each row's own number.
+    from scipy.stats import chisquare
+
+    model, prompt, logits, ids, mask = _one_prompt_many_rows(rows := 6000)
+    expected = _hf_probabilities(logits, prompt, 1.2, 0.8, 1.0)[0].double() * rows
+    decoder = StaticDecoder(model, *ids.shape, 1, 0, set(), temperature=0.8, top_p=1.0, repetition_penalty=1.2)
+    counts = torch.bincount(decoder.decode(ids, mask, row_seeds=list(range(rows)))[:, 0], minlength=VOCAB).double()
+    frequent = expected >= 5  # the rest pooled into one cell, as the test needs
+    assert int(frequent.sum()) > 8 and expected[~frequent].sum() >= 5
+    _, p_value = chisquare(torch.cat([counts[frequent], counts[~frequent].sum()[None]]).numpy(),
+                           torch.cat([expected[frequent], expected[~frequent].sum()[None]]).numpy())
+    assert p_value > 1e-3
+
+
 def test_rejection_sampling_keeps_the_first_draw_inside_the_nucleus():
     from scipy.stats import chisquare
 
