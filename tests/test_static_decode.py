@@ -157,6 +157,9 @@ def test_inverse_cdf_draws_equal_one_float64_cumulative_sum(monkeypatch):
     drawn = static_decode.inverse_cdf_draws(probs, uniforms)
     assert torch.equal(drawn, expected)
     assert (probs.gather(1, drawn) > 0).all()
+    kept = probs * (torch.arange(23) < 12)  # weights that do not sum to 1 (the nucleus's kept candidates)
+    kept_cdf = kept.cumsum(dim=-1, dtype=torch.float64)
+    assert torch.equal(static_decode.inverse_cdf_draws(kept, uniforms), torch.searchsorted(kept_cdf, uniforms * kept_cdf[:, -1:], right=True))
 
 
 def test_rejection_draws_follow_top_p():

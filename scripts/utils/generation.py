@@ -141,9 +141,9 @@ def check_prompts_fit(encoded: Sequence[tuple[str, list[int]]], max_new_tokens: 
                                 "shorten that record or lower max_new_tokens")
 
 
-def _key_seed(seed: int, key: str, size: int = 4) -> int:
+def _key_seed(seed: int, key: str) -> int:
     # Seeded by content, not by position: a record's seed is the same in every run with this seed.
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:size], "little")
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
 
 
 class GenerationEngine:
@@ -255,7 +255,7 @@ class GenerationEngine:
             input_ids, attention = prefix_layout(sequences, prefix, pad_id, width)
             # A seed per record: it samples the same tokens in whatever batch it lands (a resumed run's
             # batches start at other records; an out-of-memory retry halves them).
-            row_seeds = [_key_seed(self.seed, key, size=8) for key, _ in batch]
+            row_seeds = [_key_seed(self.seed, key) for key, _ in batch]
             new_tokens = self._static_decode(input_ids.to(device), attention.to(device), params, stop_strings, prefix, row_seeds).tolist()
             return [self._finish(key, tokens, params, stop_strings) for (key, _), tokens in zip(batch, new_tokens, strict=True)]
         input_ids, attention = left_pad(sequences, pad_id, width)

@@ -236,26 +236,14 @@ def nucleus_keep_mask(sorted_probs_desc, top_p: float):
 
 def _nucleus_sample(probs, candidates: int, top_p: float, uniforms):
     """(a token per row drawn from its top-p nucleus among its `candidates` most probable tokens, whether
-    those candidates hold less than top_p of the mass), by the inverse CDF at each row's uniform. A covered
-    row's draw is exact: every token outside its candidates then has at least top_p above it and is dropped
-    by top-p as well."""
+    those candidates hold less than top_p of the mass), by the inverse CDF at each row's uniform (batch, 1). A
+    covered row's draw is exact: every token outside its candidates then has at least top_p above it and is
+    dropped by top-p as well."""
     import torch
 
     top_probs, top_ids = torch.topk(probs, candidates, dim=-1)
-    choice = _inverse_cdf_pick(top_probs * nucleus_keep_mask(top_probs, top_p), uniforms)
-    return top_ids.gather(1, choice[:, None]).squeeze(1), top_probs.sum(dim=-1) < top_p
-
-
-def _inverse_cdf_pick(weights, uniforms):
-    """One index per row, index i with probability weights_i / the row's sum, by the inverse CDF at the row's
-    uniform in [0, 1) (float64 sums). Unlike multinomial it is a fixed sequence of kernels that a CUDA graph
-    can hold, and its randomness is the caller's: one number per row."""
-    import torch
-
-    cdf = weights.cumsum(dim=-1, dtype=torch.float64)
-    target = uniforms.to(torch.float64)[:, None] * cdf[:, -1:]
-    # right=True: an index of weight 0 is never picked (the CDF does not rise there).
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=weights.shape[-1] - 1)
+    choice = inverse_cdf_draws(top_probs * nucleus_keep_mask(top_probs, top_p), uniforms)
+    return top_ids.gather(1, choice).squeeze(1), top_probs.sum(dim=-1) < top_p
 
 
 def rejection_draws(top_p: float) -> int:
@@ -270,7 +258,8 @@ def rejection_draws(top_p: float) -> int:
 
 
 def inverse_cdf_draws(probs, uniforms):
-    """(batch, draws) token ids, each drawn from its row's distribution by the inverse CDF at `uniforms`.
+    """(batch, draws) token ids, each drawn from its row's distribution by the inverse CDF at `uniforms` (a row of
+    weights that need not sum to 1 is drawn from in proportion to them: the nucleus's kept candidates).
     Accumulated in float64 (in float32 a token's share of a CDF near 1 rounds by up to 6e-8, about 1% of a
     token's probability in a flat 152k-token row), and in two levels, so no row is scanned whole:
     the sums of blocks of `CDF_BLOCK` tokens, then the cumulative sum inside the one block a draw lands in."""
@@ -550,7 +539,7 @@ class StaticDecoder:
         uniforms = self._step_uniforms()[:, :1]
         if self.top_p >= 1.0:
             return inverse_cdf_draws(probs, uniforms).squeeze(1), probs
-        next_tokens, uncovered = _nucleus_sample(probs, self.candidates, self.top_p, uniforms.squeeze(1))
+        next_tokens, uncovered = _nucleus_sample(probs, self.candidates, self.top_p, uniforms)
         self.uncovered.copy_(uncovered)
         return next_tokens, probs
 
@@ -561,13 +550,13 @@ class StaticDecoder:
         rows = self.uncovered.nonzero().squeeze(1)
         row_probs = probs[rows]
         # The row's own uniform again: the first pick is discarded, so this draw alone decides, and exactly.
-        uniforms = self._step_uniforms()[rows, 0]
+        uniforms = self._step_uniforms()[rows, :1]
         tokens, uncovered = _nucleus_sample(row_probs, min(TOP_P_WIDE_CANDIDATES, row_probs.shape[-1]), self.top_p, uniforms)
         if bool(uncovered.any()):
             flat = uncovered.nonzero().squeeze(1)
             sorted_probs, order = torch.sort(row_probs[flat], dim=-1, descending=True)
-            choice = _inverse_cdf_pick(sorted_probs * nucleus_keep_mask(sorted_probs, self.top_p), uniforms[flat])
-            tokens[flat] = order.gather(1, choice[:, None]).squeeze(1)
+            choice = inverse_cdf_draws(sorted_probs * nucleus_keep_mask(sorted_probs, self.top_p), uniforms[flat])
+            tokens[flat] = order.gather(1, choice).squeeze(1)
         next_tokens[rows] = tokens
 
     def _commit(self, next_tokens) -> None:
